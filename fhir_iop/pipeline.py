@@ -1,0 +1,218 @@
+"""The two directions, end to end: IOP record files → FHIR resources, and FHIR files → IOP records.
+
+Both stream: memory grows with the small indexes (programs, counselors, clients, enrollments,
+group sessions on the way in; their FHIR counterparts on the way back), not with the number of
+records. A record that fails is reported as a :class:`Problem` and produces nothing; the rest
+still map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from fhir_iop.errors import InputError, Problem
+from fhir_iop.fhir import r4
+from fhir_iop.fhir.io import read_fhir
+from fhir_iop.mapping import client, counseling_session, counselor, coverage, enrollment, group_session, program
+from fhir_iop.mapping.common import KEY_SYSTEMS, FhirIndex, MappingContext, Unmappable, codings
+from fhir_iop.records.io import read_records, record_type_for
+from fhir_iop.records.model import (RECORD_TYPES, Attendance, Client, CounselingSession, Counselor,
+                                    Coverage, Enrollment, GroupSession, Program, Record)
+
+TO_FHIR = {
+    Program: program.to_fhir, Counselor: counselor.to_fhir, Client: client.to_fhir,
+    Coverage: coverage.to_fhir, Enrollment: enrollment.to_fhir, GroupSession: group_session.to_fhir,
+    Attendance: group_session.attendance_to_fhir, CounselingSession: counseling_session.to_fhir,
+}
+
+
+def record_files(inputs: Iterable[Path]) -> list[Path]:
+    """Input files in dependency order (programs first, attendance after group sessions)."""
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files += [f for f in sorted(p.iterdir()) if f.is_file() and record_type_for(f)]
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory")
+    order = {t: i for i, t in enumerate(RECORD_TYPES)}
+    return sorted(files, key=lambda f: order.get(record_type_for(f), len(order)))
+
+
+def _remember(rec: Record, ctx: MappingContext) -> None:
+    if isinstance(rec, Program):
+        ctx.programs[rec.program_id] = rec.kind
+    elif isinstance(rec, Counselor):
+        ctx.counselors[rec.counselor_id] = rec.role
+    elif isinstance(rec, Client):
+        ctx.clients.add(rec.mrn)
+    elif isinstance(rec, Enrollment):
+        ctx.enrollments[rec.enrollment_id] = (rec.client_mrn, rec.program_id)
+
+
+def map_records(records: Iterable[Record], ctx: MappingContext, where: str = "",
+                strict: bool = False) -> Iterator[dict | Problem]:
+    """Records (already validated) → resources; a record with a problem yields only the problem."""
+    for rec in records:
+        problems: list[Problem] = []
+        resources = TO_FHIR[type(rec)](rec, ctx, problems)
+        if strict and not problems:
+            for res in resources:
+                for loc, msg in r4.structure_errors(res):
+                    problems.append(Problem(f"{where}{res['resourceType']}/{res['id']}",
+                                            f"fhir-iop emitted an invalid resource: {msg}", field=loc,
+                                            code="exception"))
+        if problems:
+            yield from problems
+            continue
+        _remember(rec, ctx)
+        yield from resources
+
+
+def to_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None, record_context: dict | None = None,
+            strict: bool = False) -> Iterator[dict | Problem]:
+    """IOP record files (CSV or NDJSON, one per record type) → FHIR resources and problems."""
+    from fhir_iop.records.model import default_context
+    ctx = ctx or MappingContext()
+    record_context = record_context or default_context(ctx.settings.timezone, ctx.terminology)
+    files = record_files(inputs)
+    ctx.seen_types |= {t.file_stem for f in files if (t := record_type_for(f))}
+    for path in files:
+        for item in read_records(path, record_context):
+            if isinstance(item, Problem):
+                yield item
+                continue
+            line, rec = item
+            yield from map_records((rec,), ctx, f"{path}:{line}: ", strict)
+
+
+# -- from FHIR ----------------------------------------------------------------------------------
+
+def _refs(resource: dict, full_url: str | None) -> list[str]:
+    refs = [f"{resource['resourceType']}/{resource.get('id')}"]
+    if full_url:
+        refs.append(full_url)
+    return refs
+
+
+def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext) -> None:
+    systems = ctx.systems
+    for item in resources:
+        if isinstance(item, Problem):
+            continue
+        _, res, full_url = item
+        rt = res["resourceType"]
+        refs = _refs(res, full_url)
+        attr = KEY_SYSTEMS.get(rt)
+        if rt == "Patient":
+            key = client.mrn_of(res, ctx)
+        elif attr is not None:
+            key = ix.key_of(res, getattr(systems, attr))
+        elif rt == "Encounter" and not res.get("subject"):
+            key = ix.key_of(res, systems.group_session)
+        else:
+            key = None
+        if key is not None:
+            for r in refs:
+                ix.keys[r] = key
+        if rt == "Organization" and res.get("name"):
+            for r in refs:
+                ix.names[r] = res["name"]
+        if rt in ("Condition", "CareTeam"):
+            enrollment.index(res, ix, refs)
+        if rt == "Coverage":
+            for p in res.get("payor", ()):
+                if k := FhirIndex.ref_key(p):
+                    ix.consumed.add(k)
+
+
+def _classify(res: dict, ctx: MappingContext):
+    """(record type, mapper) for one resource, or raise Unmappable with the reason."""
+    rt = res["resourceType"]
+    if rt == "Patient":
+        return Client, client.from_fhir
+    if rt == "Practitioner":
+        return Counselor, counselor.from_fhir
+    if rt == "Organization":
+        return Program, program.from_fhir
+    if rt == "Coverage":
+        return Coverage, coverage.from_fhir
+    if rt == "EpisodeOfCare":
+        return Enrollment, enrollment.from_fhir
+    if rt == "Encounter":
+        if not res.get("subject"):
+            if group_session.is_group_service(res):
+                return GroupSession, group_session.from_fhir
+            raise Unmappable("an Encounter without subject is an IOP group session only when typed as "
+                             "group psychotherapy (CPT 90853 / HCPCS H0005)", "Encounter.type")
+        if res.get("partOf") and group_session.is_group_service(res):
+            return Attendance, group_session.attendance_from_fhir
+        if counseling_session.kind_of(res, ctx):
+            return CounselingSession, counseling_session.from_fhir
+        types = ", ".join(f"{c.get('system', '?')}|{c.get('code')}" for c in codings(res.get("type"))) or "none"
+        raise Unmappable(f"not an IOP service: type ({types}) is not group, individual or family "
+                         "psychotherapy", "Encounter.type")
+    raise Unmappable(f"{rt} carries no concept of IOP records in this release", rt)
+
+
+def _clean(data: dict) -> dict:
+    return {k: v for k, v in data.items() if v is not None and v != []}
+
+
+def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
+              record_context: dict | None = None) -> Iterator[Record | Problem]:
+    """FHIR files (Bundle, resource, NDJSON; JSON or XML) → IOP records and problems.
+
+    Two passes per run: the first indexes what references point to, the second maps.
+    """
+    from fhir_iop.records.model import default_context
+    ctx = ctx or MappingContext()
+    record_context = record_context or default_context(ctx.settings.timezone, ctx.terminology)
+    paths = list(inputs)
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+    ix = FhirIndex()
+    for p in paths:
+        _index(read_fhir(p), ix, ctx)
+    parts: dict[str, tuple[str, list[str]]] = {}  # Condition/CareTeam: key -> (where, refs)
+    for p in paths:
+        for item in read_fhir(p):
+            if isinstance(item, Problem):
+                yield item
+                continue
+            where, res, full_url = item
+            rt = res["resourceType"]
+            if rt in ("Condition", "CareTeam"):
+                parts[_refs(res, full_url)[0]] = (where, _refs(res, full_url))
+                continue
+            try:
+                model, mapper = _classify(res, ctx)
+                if rt == "Organization" and not _is_program(res) and \
+                        any(r in ix.consumed for r in _refs(res, full_url)):
+                    continue  # a payer: mapped as part of each Coverage
+                data = mapper(res, ix, ctx)
+            except Unmappable as e:
+                yield Problem(where, str(e), field=e.field, severity="warning", code="not-supported")
+                continue
+            try:
+                yield model.model_validate(_clean(data), context=record_context)
+            except ValidationError as e:
+                for err in e.errors(include_url=False):
+                    loc = ".".join(str(x) for x in err["loc"]) or None
+                    yield Problem(where, "the IOP record would be invalid: "
+                                  + err["msg"].removeprefix("Value error, "), field=loc)
+    for where, refs in parts.values():
+        if not any(r in ix.consumed for r in refs):
+            kind = "diagnosis" if refs[0].startswith("Condition") else "care team"
+            yield Problem(where, f"maps to IOP records only as the {kind} of an enrollment, and no "
+                          "EpisodeOfCare in this input points to it", severity="warning", code="not-supported")
+
+
+def _is_program(res: dict) -> bool:
+    from fhir_iop.mapping.common import ext_code
+    return ext_code(res, "program-kind") is not None
