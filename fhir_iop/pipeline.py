@@ -149,7 +149,7 @@ def _classify(res: dict, ctx: MappingContext):
                 return GroupSession, group_session.from_fhir
             raise Unmappable("an Encounter without subject is an IOP group session only when typed as "
                              "group psychotherapy (CPT 90853 / HCPCS H0005)", "Encounter.type")
-        if res.get("partOf") and group_session.is_group_service(res):
+        if res.get("partOf") and (group_session.is_attendance(res) or group_session.is_group_service(res)):
             return Attendance, group_session.attendance_from_fhir
         if counseling_session.kind_of(res, ctx):
             return CounselingSession, counseling_session.from_fhir

@@ -94,6 +94,10 @@ def is_group_service(enc: dict) -> bool:
         (c.get("system"), c.get("code")) in GROUP_CODES for c in codings(enc.get("type")))
 
 
+def is_attendance(enc: dict) -> bool:
+    return ext_code(enc, "attendance-status") is not None
+
+
 def from_fhir(enc: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     kind = ext_code(enc, "session-kind")
     if kind is None:

@@ -78,7 +78,8 @@ Npi = Annotated[str, Field(pattern=r"^[0-9]{10}$")]
 class Record(BaseModel):
     """Base of every record type: strict about unknown fields, whitespace trimmed."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True,
+                              use_attribute_docstrings=True)
     #: file stem of this record type (``clients`` -> clients.csv / clients.ndjson)
     file_stem: ClassVar[str]
     #: the field that identifies a record, used in error reports
@@ -91,27 +92,43 @@ class Record(BaseModel):
 class Part(BaseModel):
     """A structured value inside a record (a history entry). In CSV: fields joined by ``@``."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True,
+                              use_attribute_docstrings=True)
 
 
 # -- people and organisations ----------------------------------------------------------------
 
 class Client(Record):
+    """A person enrolled (or referred) at the site. Maps to Patient (US Core)."""
+
     file_stem: ClassVar[str] = "clients"
     key_field: ClassVar[str] = "mrn"
     mrn: Id
+    """Medical record number: the client's identifier at the site."""
     family_name: Text
+    """Family (last) name."""
     given_names: list[Text] = Field(min_length=1)
+    """Given names, first name first."""
     birth_date: date
+    """Date of birth (YYYY-MM-DD)."""
     gender: Gender
+    """Administrative gender (FHIR administrative-gender)."""
     phone: str | None = None
+    """Home phone."""
     email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    """Email address."""
     address_line: str | None = None
+    """Street address."""
     city: str | None = None
+    """City."""
     state: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    """Two-letter US state code."""
     postal_code: str | None = Field(default=None, pattern=r"^[0-9]{5}(-[0-9]{4})?$")
+    """ZIP or ZIP+4."""
     emergency_contact_name: str | None = None
+    """Emergency contact's full name."""
     emergency_contact_phone: str | None = None
+    """Emergency contact's phone (needs the name)."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -123,20 +140,34 @@ class Client(Record):
 
 
 class Coverage(Record):
+    """A client's insurance, with the prior authorization for IOP services. Maps to Coverage (US Core)."""
+
     file_stem: ClassVar[str] = "coverages"
     key_field: ClassVar[str] = "coverage_id"
     coverage_id: Id
+    """The site's identifier for this coverage."""
     client_mrn: Id
+    """The insured client (clients.mrn)."""
     payer_id: Id
+    """The site's identifier for the payer."""
     payer_name: Text
+    """Payer name as billed."""
     member_id: Text
+    """Member (subscriber) id on the insurance card."""
     status: Literal["active", "cancelled"] = "active"  # FHIR financial resource status (R4)
+    """active or cancelled (FHIR financial resource status)."""
     subscriber_relationship: Literal["self", "spouse", "child", "parent", "other"] = "self"
+    """Client's relationship to the subscriber (FHIR subscriber-relationship)."""
     start: date | None = None
+    """Coverage start date."""
     end: date | None = None
+    """Coverage end date."""
     prior_auth_number: str | None = None
+    """Prior-authorization number for IOP services."""
     prior_auth_start: date | None = None
+    """First day the prior authorization covers."""
     prior_auth_end: date | None = None
+    """Last day the prior authorization covers."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -150,66 +181,113 @@ class Coverage(Record):
 
 
 class Counselor(Record):
+    """A staff member who facilitates groups, counsels, or sits on care teams. Maps to Practitioner."""
+
     file_stem: ClassVar[str] = "counselors"
     key_field: ClassVar[str] = "counselor_id"
     counselor_id: Id
+    """The site's staff identifier."""
     family_name: Text
+    """Family name."""
     given_names: list[Text] = Field(min_length=1)
+    """Given names."""
     role: Coded("counselor-role")
+    """Role on care teams."""
     credentials: str | None = None
+    """Licences and credentials as written (e.g. LCSW, LADC)."""
     npi: Npi | None = None
+    """National Provider Identifier (10 digits)."""
     phone: str | None = None
+    """Work phone."""
     email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    """Work email."""
 
 
 class Program(Record):
+    """An IOP the site runs. Maps to Organization."""
+
     file_stem: ClassVar[str] = "programs"
     key_field: ClassVar[str] = "program_id"
     program_id: Id
+    """The site's identifier for the program."""
     name: Text
+    """Program name."""
     kind: Coded("program-kind")
+    """What the program treats; substance-use and co-occurring programs fall under 42 CFR Part 2."""
     npi: Npi | None = None
+    """Organisation NPI."""
     phone: str | None = None
+    """Phone."""
     address_line: str | None = None
+    """Street address."""
     city: str | None = None
+    """City."""
     state: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    """Two-letter US state code."""
     postal_code: str | None = Field(default=None, pattern=r"^[0-9]{5}(-[0-9]{4})?$")
+    """ZIP or ZIP+4."""
 
 
 # -- enrollment ------------------------------------------------------------------------------
 
 class StatusChange(Part):
+    """An enrollment status and the date it took effect."""
+
     status: Coded("enrollment-status")
+    """Enrollment status from this date."""
     since: date
+    """Date the status took effect."""
 
 
 class LevelChange(Part):
+    """A level of care and the date it took effect."""
+
     level: Coded("program-level")
+    """Level of care from this date."""
     since: date
+    """Date the level took effect (a step-down is a new entry)."""
 
 
 TERMINAL_STATUSES = frozenset({"completed", "left-against-advice", "transferred", "stepped-down"})
 
 
 class Enrollment(Record):
+    """A client's episode in one program, across level changes. Maps to EpisodeOfCare, a Condition per diagnosis and a CareTeam."""
+
     file_stem: ClassVar[str] = "enrollments"
     key_field: ClassVar[str] = "enrollment_id"
     enrollment_id: Id
+    """The site's identifier for this enrollment."""
     client_mrn: Id
+    """The enrolled client (clients.mrn)."""
     program_id: Id
+    """The program (programs.program_id)."""
     referral_source: Coded("referral-source") | None = None
+    """Who referred the client, including step-down from residential or PHP."""
     status_history: list[StatusChange] = Field(min_length=1)
+    """Statuses in date order; the last is the current status."""
     level_history: list[LevelChange] = Field(min_length=1)
+    """Levels of care in date order, e.g. IOP-6 then IOP-3; the last is the current level."""
     admitted_on: date | None = None
+    """Admission date (required once the client is past referred)."""
     discharged_on: date | None = None
+    """Discharge date (required with a final status)."""
     discharge_reason: Coded("discharge-reason") | None = None
+    """Why the enrollment ended."""
     diagnoses: list[ICD10CM] = Field(default_factory=list)
+    """ICD-10-CM diagnosis codes, principal first."""
     primary_counselor: Id | None = None
+    """Primary counselor (counselors.counselor_id)."""
     care_team: list[Id] = Field(default_factory=list)
+    """Care team members (counselors.counselor_id)."""
     schedule_days: list[Day] = Field(default_factory=list)
+    """Scheduled program days (mon..sun)."""
     schedule_start: time | None = None
+    """Daily start time (HH:MM)."""
     schedule_end: time | None = None
+    """Daily end time (HH:MM)."""
     track: Coded("schedule-track") | None = None
+    """Morning, afternoon or evening track."""
 
     @property
     def status(self) -> str:
@@ -255,17 +333,28 @@ class Enrollment(Record):
 # -- sessions --------------------------------------------------------------------------------
 
 class GroupSession(Record):
+    """One meeting of a group. Maps to a session-level Encounter."""
+
     file_stem: ClassVar[str] = "group_sessions"
     key_field: ClassVar[str] = "session_id"
     session_id: Id
+    """The site's identifier for the group session."""
     program_id: Id
+    """The program that ran it."""
     topic: Coded("curriculum-topic")
+    """Curriculum topic."""
     kind: Coded("session-kind")
+    """Kind of group."""
     facilitators: list[Id] = Field(min_length=1)
+    """Facilitating staff (counselors.counselor_id)."""
     start: DateTime
+    """Start, ISO 8601; without a UTC offset the site time zone applies."""
     end: DateTime
+    """End, after start."""
     modality: Coded("session-modality")
+    """In person or telehealth."""
     location: str | None = None
+    """Room or site name."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -277,13 +366,20 @@ class GroupSession(Record):
 
 
 class Attendance(Record):
+    """One client at one group session. Maps to the client's Encounter, partOf the session's."""
+
     file_stem: ClassVar[str] = "attendance"
     key_field: ClassVar[str] = "session_id"
     session_id: Id
+    """The group session (group_sessions.session_id)."""
     client_mrn: Id
+    """The client (clients.mrn)."""
     enrollment_id: Id
+    """The enrollment the session counts toward."""
     status: Coded("attendance-status")
+    """Attendance; absences are kept, not dropped."""
     minutes_attended: int = Field(ge=0, le=720)
+    """Minutes actually attended; 0 for absent or excused, above 0 otherwise."""
 
     def key(self) -> str:
         return f"{self.session_id}/{self.client_mrn}"
@@ -298,18 +394,30 @@ class Attendance(Record):
 
 
 class CounselingSession(Record):
+    """An individual or family counselling session. Maps to an Encounter typed by CPT."""
+
     file_stem: ClassVar[str] = "counseling_sessions"
     key_field: ClassVar[str] = "counseling_session_id"
     counseling_session_id: Id
+    """The site's identifier for the session."""
     client_mrn: Id
+    """The client (clients.mrn)."""
     enrollment_id: Id
+    """The enrollment the session belongs to."""
     kind: Coded("counseling-kind")
+    """Individual or family, with or without the client."""
     status: Coded("counseling-status")
+    """Whether it took place."""
     counselor_id: Id
+    """The counselor (counselors.counselor_id)."""
     start: DateTime
+    """Start, ISO 8601; without a UTC offset the site time zone applies."""
     end: DateTime
+    """End; the minutes between start and end select the CPT code."""
     modality: Coded("session-modality")
+    """In person or telehealth."""
     location: str | None = None
+    """Room or site name."""
 
     @property
     def minutes(self) -> int:

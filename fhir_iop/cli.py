@@ -1,0 +1,214 @@
+"""The ``fhir-iop`` command. The only place that prints, exits, or turns errors into exit codes.
+
+Exit codes: 0 everything mapped; 1 some records were rejected or not mapped (the rest were
+written); 2 bad usage, configuration or unreadable input (nothing was written).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+import orjson
+from tqdm import tqdm
+
+from fhir_iop import __version__
+from fhir_iop.errors import FhirIopError, Problem, operation_outcome
+
+EXIT_OK, EXIT_REJECTED, EXIT_ERROR = 0, 1, 2
+
+
+def _context(mappings: str | None):
+    from fhir_iop.mapping.common import MappingContext
+    from fhir_iop.settings import load_settings
+    from fhir_iop.terminology import load_terminology
+    return MappingContext(settings=load_settings(mappings), terminology=load_terminology(mappings))
+
+
+def _progress(items, quiet: bool, unit: str):
+    return tqdm(items, unit=unit, disable=quiet or not sys.stderr.isatty(), file=sys.stderr,
+                mininterval=0.5, leave=False)
+
+
+class _Report:
+    """Collects problems: each printed at once to stderr, all written as one OperationOutcome."""
+
+    def __init__(self, path: Path | None, quiet: bool):
+        self.path, self.quiet = path, quiet
+        self.problems: list[Problem] = []
+        self.errors = self.warnings = 0
+
+    def add(self, p: Problem) -> None:
+        self.problems.append(p)
+        if p.severity == "error":
+            self.errors += 1
+        else:
+            self.warnings += 1
+        if not self.quiet:
+            click.echo(str(p), err=True)
+
+    def finish(self, counts: Counter, what: str, started: float) -> int:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(orjson.dumps(operation_outcome(self.problems), option=orjson.OPT_INDENT_2))
+        total = sum(counts.values())
+        secs = time.perf_counter() - started
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        click.echo(f"{total} {what} written ({parts or 'none'}) in {secs:.1f}s; "
+                   f"{self.errors} rejected, {self.warnings} not mapped"
+                   + (f"; details in {self.path}" if self.path and self.problems else ""), err=True)
+        return EXIT_REJECTED if self.problems else EXIT_OK
+
+
+def _guard(fn):
+    """Library errors become a message and exit code 2; nothing else is caught."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FhirIopError as e:
+            click.echo(f"fhir-iop: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fhir-iop")
+def main():
+    """IOP records ⇄ HL7 FHIR R4."""
+
+
+@main.group("map")
+def map_group():
+    """Map IOP record files to FHIR and back."""
+
+
+_mappings_opt = click.option("--mappings", type=click.Path(exists=True, file_okay=False),
+                             envvar="FHIR_IOP_MAPPINGS",
+                             help="Site directory of ConceptMaps/CodeSystems/site.json overriding the shipped ones.")
+_problems_opt = click.option("--problems", type=click.Path(dir_okay=False, path_type=Path),
+                             help="Where to write the OperationOutcome of rejected records "
+                                  "[default: beside --out, *.outcome.json].")
+_quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-record messages.")
+
+
+def _problems_path(out: Path, given: Path | None) -> Path:
+    if given:
+        return given
+    return out / "outcome.json" if out.suffix == "" else out.with_name(out.name.split(".")[0] + ".outcome.json")
+
+
+@map_group.command("to-fhir")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Bundle file (transaction/collection) or directory (ndjson).")
+@click.option("--format", "fmt", type=click.Choice(["transaction", "collection", "ndjson"]),
+              default="transaction", show_default=True)
+@click.option("--encoding", type=click.Choice(["json", "xml"]), default="json", show_default=True,
+              help="Bundle encoding (ndjson is always JSON).")
+@click.option("--strict", is_flag=True, help="Re-validate every emitted resource with fhir.resources R4B.")
+@_mappings_opt
+@_problems_opt
+@_quiet_opt
+@_guard
+def to_fhir_cmd(inputs, out, fmt, encoding, strict, mappings, problems, quiet):
+    """IOP record files or directories (CSV or NDJSON, one file per record type) → FHIR R4."""
+    if fmt == "ndjson" and encoding == "xml":
+        raise click.UsageError("NDJSON is JSON only; use --format transaction or collection for XML")
+    sys.exit(run_to_fhir(inputs, out, fmt, encoding, strict, mappings, problems, quiet))
+
+
+def run_to_fhir(inputs, out, fmt="transaction", encoding="json", strict=False, mappings=None,
+                problems=None, quiet=False) -> int:
+    from fhir_iop import pipeline
+    from fhir_iop.fhir.io import BundleWriter, NdjsonWriter
+    started = time.perf_counter()
+    ctx = _context(mappings)
+    report = _Report(_problems_path(out, problems), quiet)
+    counts: Counter = Counter()
+    items = pipeline.to_fhir(list(inputs), ctx, strict=strict)
+    tmp = out.with_name(out.name + ".partial") if fmt != "ndjson" else None
+    with ExitStack() as stack:
+        if fmt == "ndjson":
+            writer = NdjsonWriter(out)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            writer = BundleWriter(stack.enter_context(open(tmp, "wb")), fmt, encoding)
+        for item in _progress(items, quiet, "res"):
+            if isinstance(item, Problem):
+                report.add(item)
+            else:
+                writer.write(item)
+                counts[item["resourceType"]] += 1
+        writer.close()
+    if tmp:
+        tmp.replace(out)  # a Bundle appears whole or not at all
+    return report.finish(counts, "resources", started)
+
+
+@map_group.command("from-fhir")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the IOP record files.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), default="csv", show_default=True)
+@_mappings_opt
+@_problems_opt
+@_quiet_opt
+@_guard
+def from_fhir_cmd(inputs, out, fmt, mappings, problems, quiet):
+    """FHIR R4 (Bundle, resource or NDJSON; JSON or XML) → IOP record files."""
+    sys.exit(run_from_fhir(inputs, out, fmt, mappings, problems, quiet))
+
+
+def run_from_fhir(inputs, out, fmt="csv", mappings=None, problems=None, quiet=False) -> int:
+    from fhir_iop import pipeline
+    from fhir_iop.records.io import CsvRecordWriter, NdjsonRecordWriter
+    started = time.perf_counter()
+    ctx = _context(mappings)
+    report = _Report(_problems_path(out, problems), quiet)
+    counts: Counter = Counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        writers = {}
+        for item in _progress(pipeline.from_fhir(list(inputs), ctx), quiet, "rec"):
+            if isinstance(item, Problem):
+                report.add(item)
+                continue
+            model = type(item)
+            w = writers.get(model)
+            if w is None:
+                if fmt == "csv":
+                    f = stack.enter_context(open(out / f"{model.file_stem}.csv", "w", newline="", encoding="utf-8"))
+                    w = writers[model] = CsvRecordWriter(f, model)
+                else:
+                    f = stack.enter_context(open(out / f"{model.file_stem}.ndjson", "wb"))
+                    w = writers[model] = NdjsonRecordWriter(f, model)
+            w.write(item)
+            counts[model.file_stem] += 1
+    return report.finish(counts, "records", started)
+
+
+@main.command()
+@click.option("--out", "-o", default="out", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@_guard
+def demo(out: Path):
+    """The main job on the example clinic: records → FHIR transaction Bundle → records again."""
+    from fhir_iop.terminology import PROJECT_ROOT
+    clinic = PROJECT_ROOT / "examples" / "clinic"
+    bundle = out / "clinic-bundle.json"
+    code = run_to_fhir([clinic], bundle, strict=True, quiet=True)
+    click.echo(f"FHIR transaction Bundle: {bundle}", err=True)
+    back = out / "clinic-records"
+    code2 = run_from_fhir([bundle], back, quiet=True)
+    click.echo(f"IOP records read back: {back}", err=True)
+    sys.exit(max(code, code2))
+
+
+if __name__ == "__main__":
+    main()
