@@ -67,7 +67,9 @@ def map_records(records: Iterable[Record], ctx: MappingContext, where: str = "",
                                             f"fhir-iop emitted an invalid resource: {msg}", field=loc,
                                             code="exception"))
         if problems:
-            yield from problems
+            for p in problems:
+                yield p if not where or p.where.startswith(where) else \
+                    Problem(f"{where.rstrip(': ')} ({p.where})", p.message, p.field, p.severity, p.code)
             continue
         _remember(rec, ctx)
         yield from resources
@@ -99,12 +101,20 @@ def _refs(resource: dict, full_url: str | None) -> list[str]:
     return refs
 
 
-def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext) -> None:
+def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
+           invalid: dict[str, list[Problem]]) -> None:
+    """Pass 1: structure-check each resource (fhir.resources R4B), then index the valid ones."""
     systems = ctx.systems
     for item in resources:
         if isinstance(item, Problem):
             continue
-        _, res, full_url = item
+        where, res, full_url = item
+        errors = r4.structure_errors(res)
+        if errors:
+            invalid[where] = [Problem(where, f"not valid R4: {msg}", field=f"{res.get('resourceType')}.{loc}"
+                                      if not loc.startswith(str(res.get("resourceType"))) else loc,
+                                      code="structure") for loc, msg in errors]
+            continue
         rt = res["resourceType"]
         refs = _refs(res, full_url)
         attr = KEY_SYSTEMS.get(rt)
@@ -177,8 +187,9 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
         if not p.is_file():
             raise InputError(f"{p}: no such file")
     ix = FhirIndex()
+    invalid: dict[str, list[Problem]] = {}
     for p in paths:
-        _index(read_fhir(p), ix, ctx)
+        _index(read_fhir(p), ix, ctx, invalid)
     parts: dict[str, tuple[str, list[str]]] = {}  # Condition/CareTeam: key -> (where, refs)
     for p in paths:
         for item in read_fhir(p):
@@ -186,6 +197,9 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
                 yield item
                 continue
             where, res, full_url = item
+            if where in invalid:
+                yield from invalid[where]
+                continue
             rt = res["resourceType"]
             if rt in ("Condition", "CareTeam"):
                 parts[_refs(res, full_url)[0]] = (where, _refs(res, full_url))

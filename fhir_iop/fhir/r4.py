@@ -69,7 +69,15 @@ def from_xml_element(element: etree._Element) -> dict:
     cls = model_class(rt)
     if cls is None:
         raise ValueError(f"unknown R4 resource type {rt!r}")
-    return _dict(cls.model_validate_xml(etree.tostring(element), xmlparser=safe_parser()))
+    try:
+        return _dict(cls.model_validate_xml(etree.tostring(element), xmlparser=safe_parser()))
+    except KeyError as e:  # fhir.resources' XML reader meets an element R4 does not define
+        raise ValueError(f"<{e.args[0]}> is not an element of R4 {rt}") from None
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{rt}.{loc}: {first['msg']}" + (f" (and {e.error_count() - 1} more)"
+                                                           if e.error_count() > 1 else "")) from None
 
 
 def parse_xml(data: bytes) -> etree._Element:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fhir_iop.mapping.common import FhirIndex, MappingContext, Unmappable, cited, codings
-from fhir_iop.mapping.program import address, address_fields, telecom
+from fhir_iop.mapping.program import address, address_fields, current, telecom
 from fhir_iop.records.model import Client
 
 _MR = cited("identifier-type-mr")
@@ -15,7 +15,9 @@ def to_fhir(c: Client, ctx: MappingContext, problems) -> list[dict]:
           "identifier": [{"use": "usual", "type": {"coding": [_MR]}, "system": ctx.systems.mrn,
                           "value": c.mrn}],
           "name": [{"use": "official", "family": c.family_name, "given": list(c.given_names)}],
-          "gender": c.gender, "birthDate": c.birth_date.isoformat()}
+          "birthDate": c.birth_date.isoformat()}
+    if c.gender:
+        pt["gender"] = c.gender
     tel = [t for t in ({"system": "phone", "value": c.phone, "use": "home"} if c.phone else None,
                        {"system": "email", "value": c.email} if c.email else None) if t]
     if tel:
@@ -43,8 +45,7 @@ def mrn_of(pt: dict, ctx: MappingContext) -> str | None:
 
 
 def from_fhir(pt: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
-    names = pt.get("name") or []
-    name = next((n for n in names if n.get("use") == "official"), names[0] if names else {})
+    name = current(pt.get("name"))
     if not name.get("family") or not name.get("given"):
         raise Unmappable("an IOP client needs a family and a given name", "Patient.name")
     contact = next((c for c in pt.get("contact", ())

@@ -94,6 +94,7 @@ class MappingContext:
         self._ns = uuid.uuid5(uuid.NAMESPACE_URL, self.settings.identifier_systems.mrn)
         self.systems = self.settings.identifier_systems
         self._meta = {}
+        self._refs: dict[tuple[str, str], dict] = {}
         for name, profiles in PROFILES.items():
             self._meta[name] = {"profile": profiles}
             self._meta[name + "+part2"] = {"profile": profiles, "security": list(PART2_LABELS)}
@@ -104,9 +105,18 @@ class MappingContext:
         return str(uuid.uuid5(self._ns, f"{kind}|{key}"))
 
     def ref(self, resource_type: str, kind: str, key: str, system: str) -> dict:
-        """A literal reference that also carries the source identifier (so it reads back alone)."""
-        return {"reference": f"{resource_type}/{self.rid(kind, key)}",
-                "identifier": {"system": system, "value": key}}
+        """A literal reference that also carries the source identifier (so it reads back alone).
+
+        References to the indexed types repeat on every attendance row, so they are built once;
+        the dicts are shared between resources and never mutated.
+        """
+        cached = self._refs.get((kind, key))
+        if cached is None:
+            cached = {"reference": f"{resource_type}/{self.rid(kind, key)}",
+                      "identifier": {"system": system, "value": key}}
+            if len(self._refs) < 1_000_000:
+                self._refs[(kind, key)] = cached
+        return cached
 
     def client_ref(self, mrn: str) -> dict:
         return self.ref("Patient", "client", mrn, self.systems.mrn)

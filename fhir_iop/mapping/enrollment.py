@@ -134,9 +134,12 @@ def from_fhir(eoc: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     mrn = ix.resolve(eoc.get("patient"), ctx.systems.mrn)
     if mrn is None:
         raise Unmappable("patient does not resolve to a Patient in this input", "EpisodeOfCare.patient")
-    program_id = ix.resolve(eoc.get("managingOrganization"), ctx.systems.program)
+    org = eoc.get("managingOrganization")
+    program_id = ix.resolve(org, ctx.systems.program)
     if program_id is None:
-        raise Unmappable("no managingOrganization: an enrollment belongs to a program",
+        raise Unmappable(f"managingOrganization {org.get('reference')!r} does not resolve to the program's "
+                         "Organization in this input"
+                         if org else "no managingOrganization: an enrollment belongs to a program",
                          "EpisodeOfCare.managingOrganization")
     levels = []
     for ext in eoc.get("extension", ()):

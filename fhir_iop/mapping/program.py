@@ -12,8 +12,18 @@ def address(r) -> list[dict]:
     return [a] if a else []
 
 
+def current(items: list[dict] | None) -> dict:
+    """The entry in use now: not ``old``, no ended period; official/home first."""
+    live = [i for i in items or () if i.get("use") != "old" and not i.get("period", {}).get("end")]
+    for use in ("official", "usual", "home"):
+        for i in live:
+            if i.get("use") == use:
+                return i
+    return live[0] if live else {}
+
+
 def address_fields(resource: dict) -> dict:
-    a = (resource.get("address") or [{}])[0]
+    a = current(resource.get("address"))
     return {"address_line": (a.get("line") or [None])[0], "city": a.get("city"),
             "state": a.get("state"), "postal_code": a.get("postalCode")}
 

@@ -20,7 +20,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from fhir_iop.errors import Problem
-from fhir_iop.records.model import BY_STEM, Part, Record
+from fhir_iop.records.model import BY_STEM, FieldError, Part, Record
 
 LIST_SEP, ENTRY_SEP, PART_SEP = "|", ";", "@"
 CSV_SUFFIXES = (".csv",)
@@ -57,6 +57,9 @@ def _problems(where: str, err: ValidationError, key: str | None) -> list[Problem
     out = []
     for e in err.errors(include_url=False):
         loc = ".".join(str(p) for p in e["loc"]) or None
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc = ".".join(x for x in (loc, cause.field) if x)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing":
             msg = "required field is missing"
@@ -130,16 +133,29 @@ def read_csv(path: Path, model: type[Record], context: dict) -> Iterator[tuple[i
                           f"{', '.join(model.model_fields)}", field="header")
             return
         start = reader.line_num + 1
+        offset = 0  # physical lines skipped before the current reader started
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield Problem(f"{path}:{start}", f"broken CSV quoting: {e}")
-                start = reader.line_num + 1
+                end = offset + reader.line_num
+                span = f"{start}" if end <= start else f"{start}-{end}"
+                yield Problem(f"{path}:{span}", f"broken CSV quoting: {e} (an unbalanced quote)")
+                if "end of data" in str(e) and end > start:
+                    # a quote that never closes swallowed the rest: read again after its line
+                    offset = start
+                    raw.seek(0)
+                    lines = _decoded_lines(raw)
+                    for _ in range(start):
+                        next(lines, None)
+                    reader = csv.reader(lines, strict=True)
+                    start += 1
+                else:
+                    start = end + 1
                 continue
-            line, end = start, reader.line_num
+            line, end = start, offset + reader.line_num
             start = end + 1
             if not row or all(not c.strip() for c in row):
                 continue

@@ -29,6 +29,14 @@ _ICD10CM = re.compile(r"^[A-TV-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._\-]+$")
 
 
+class FieldError(ValueError):
+    """A cross-field check that failed, naming the field to fix (reported as its location)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _terminology(info: ValidationInfo):
     ctx = info.context or {}
     return ctx.get("terminology") or load_terminology()
@@ -59,6 +67,17 @@ def _icd10cm(value: str) -> str:
     return value
 
 
+def _npi(value: str) -> str:
+    """NPI check digit: Luhn over the number prefixed with 80840 (CMS NPI standard)."""
+    total = 0
+    for i, ch in enumerate(reversed("80840" + value)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    if total % 10:
+        raise ValueError(f"{value!r} fails the NPI check digit")
+    return value
+
+
 def _aware(value: datetime, info: ValidationInfo) -> datetime:
     if value.tzinfo is None:
         tz = (info.context or {}).get("tz")
@@ -72,7 +91,7 @@ Id = Annotated[str, Field(min_length=1, max_length=64, pattern=_TOKEN.pattern)]
 Text = Annotated[str, Field(min_length=1, max_length=500)]
 ICD10CM = Annotated[str, AfterValidator(_icd10cm)]
 DateTime = Annotated[datetime, AfterValidator(_aware)]
-Npi = Annotated[str, Field(pattern=r"^[0-9]{10}$")]
+Npi = Annotated[str, Field(pattern=r"^[0-9]{10}$"), AfterValidator(_npi)]
 
 
 class Record(BaseModel):
@@ -111,7 +130,7 @@ class Client(Record):
     """Given names, first name first."""
     birth_date: date
     """Date of birth (YYYY-MM-DD)."""
-    gender: Gender
+    gender: Gender | None = None
     """Administrative gender (FHIR administrative-gender)."""
     phone: str | None = None
     """Home phone."""
@@ -121,9 +140,9 @@ class Client(Record):
     """Street address."""
     city: str | None = None
     """City."""
-    state: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    state: str | None = Field(default=None, max_length=50)
     """Two-letter US state code."""
-    postal_code: str | None = Field(default=None, pattern=r"^[0-9]{5}(-[0-9]{4})?$")
+    postal_code: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 \-]{1,9}$")
     """ZIP or ZIP+4."""
     emergency_contact_name: str | None = None
     """Emergency contact's full name."""
@@ -133,9 +152,9 @@ class Client(Record):
     @model_validator(mode="after")
     def _check(self):
         if self.birth_date > date.today():
-            raise ValueError("birth_date is in the future")
+            raise FieldError('birth_date', "birth_date is in the future")
         if self.emergency_contact_phone and not self.emergency_contact_name:
-            raise ValueError("emergency_contact_phone needs emergency_contact_name")
+            raise FieldError('emergency_contact_name', "emergency_contact_phone needs emergency_contact_name")
         return self
 
 
@@ -172,11 +191,11 @@ class Coverage(Record):
     @model_validator(mode="after")
     def _check(self):
         if self.start and self.end and self.end < self.start:
-            raise ValueError("end is before start")
+            raise FieldError('end', "end is before start")
         if (self.prior_auth_start or self.prior_auth_end) and not self.prior_auth_number:
-            raise ValueError("a prior-authorization period needs prior_auth_number")
+            raise FieldError('prior_auth_number', "a prior-authorization period needs prior_auth_number")
         if self.prior_auth_start and self.prior_auth_end and self.prior_auth_end < self.prior_auth_start:
-            raise ValueError("prior_auth_end is before prior_auth_start")
+            raise FieldError('prior_auth_end', "prior_auth_end is before prior_auth_start")
         return self
 
 
@@ -222,9 +241,9 @@ class Program(Record):
     """Street address."""
     city: str | None = None
     """City."""
-    state: str | None = Field(default=None, pattern=r"^[A-Z]{2}$")
+    state: str | None = Field(default=None, max_length=50)
     """Two-letter US state code."""
-    postal_code: str | None = Field(default=None, pattern=r"^[0-9]{5}(-[0-9]{4})?$")
+    postal_code: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 \-]{1,9}$")
     """ZIP or ZIP+4."""
 
 
@@ -303,30 +322,37 @@ class Enrollment(Record):
             hist = getattr(self, name)
             for a, b in zip(hist, hist[1:]):
                 if b.since < a.since:
-                    raise ValueError(f"{name} is not in date order ({b.since} after {a.since})")
+                    raise FieldError(name, f"{name} is not in date order ({b.since} after {a.since})")
         if self.discharged_on:
             if not self.admitted_on:
-                raise ValueError("discharged_on without admitted_on")
+                raise FieldError('admitted_on', "discharged_on without admitted_on")
             if self.discharged_on < self.admitted_on:
-                raise ValueError("discharged_on is before admitted_on")
+                raise FieldError('discharged_on', "discharged_on is before admitted_on")
             if self.status not in TERMINAL_STATUSES:
-                raise ValueError(f"discharged_on is set but the last status is {self.status!r}")
+                raise FieldError('status_history', f"discharged_on is set but the last status is {self.status!r}")
         elif self.status in TERMINAL_STATUSES:
-            raise ValueError(f"status {self.status!r} needs discharged_on")
+            raise FieldError('discharged_on', f"status {self.status!r} needs discharged_on")
         if self.discharge_reason and not self.discharged_on:
-            raise ValueError("discharge_reason without discharged_on")
+            raise FieldError('discharge_reason', "discharge_reason without discharged_on")
         if self.status != "referred" and not self.admitted_on:
-            raise ValueError(f"status {self.status!r} needs admitted_on")
+            raise FieldError('admitted_on', f"status {self.status!r} needs admitted_on")
+        admitted = next((s.since for s in self.status_history if s.status != "referred"), None)
+        if admitted and self.admitted_on and admitted != self.admitted_on:
+            raise FieldError("admitted_on", f"admitted_on {self.admitted_on} is not the date the client "
+                             f"left referred ({admitted})")
+        if self.discharged_on and self.status_history[-1].since != self.discharged_on:
+            raise FieldError("discharged_on", f"discharged_on {self.discharged_on} is not the date of "
+                             f"the final status ({self.status_history[-1].since})")
         if self.admitted_on and self.level_history[0].since < self.admitted_on:
-            raise ValueError("level_history starts before admitted_on")
+            raise FieldError('level_history', "level_history starts before admitted_on")
         if (self.schedule_start is None) != (self.schedule_end is None):
-            raise ValueError("schedule_start and schedule_end go together")
+            raise FieldError('schedule_end', "schedule_start and schedule_end go together")
         if self.schedule_start and self.schedule_end <= self.schedule_start:
-            raise ValueError("schedule_end is not after schedule_start")
+            raise FieldError('schedule_end', "schedule_end is not after schedule_start")
         if len(set(self.diagnoses)) != len(self.diagnoses):
-            raise ValueError("diagnoses lists a code twice")
+            raise FieldError('diagnoses', "diagnoses lists a code twice")
         if len(set(self.care_team)) != len(self.care_team):
-            raise ValueError("care_team lists a counselor twice")
+            raise FieldError('care_team', "care_team lists a counselor twice")
         return self
 
 
@@ -359,9 +385,9 @@ class GroupSession(Record):
     @model_validator(mode="after")
     def _check(self):
         if self.end <= self.start:
-            raise ValueError("end is not after start")
+            raise FieldError('end', "end is not after start")
         if (self.end - self.start).total_seconds() > 12 * 3600:
-            raise ValueError("a group session longer than 12 hours")
+            raise FieldError('end', "a group session longer than 12 hours")
         return self
 
 
@@ -387,9 +413,9 @@ class Attendance(Record):
     @model_validator(mode="after")
     def _check(self):
         if self.status in ("absent", "excused") and self.minutes_attended:
-            raise ValueError(f"an {self.status} client cannot have minutes_attended")
+            raise FieldError('minutes_attended', f"an {self.status} client cannot have minutes_attended")
         if self.status not in ("absent", "excused") and not self.minutes_attended:
-            raise ValueError(f"status {self.status!r} needs minutes_attended > 0")
+            raise FieldError('minutes_attended', f"status {self.status!r} needs minutes_attended > 0")
         return self
 
 
@@ -426,7 +452,7 @@ class CounselingSession(Record):
     @model_validator(mode="after")
     def _check(self):
         if self.end <= self.start:
-            raise ValueError("end is not after start")
+            raise FieldError('end', "end is not after start")
         return self
 
 
