@@ -16,17 +16,43 @@ from pydantic import ValidationError
 from fhir_iop.errors import InputError, Problem
 from fhir_iop.fhir import r4
 from fhir_iop.fhir.io import read_fhir
-from fhir_iop.mapping import client, counseling_session, counselor, coverage, enrollment, group_session, program
+from fhir_iop.mapping import (care_plan, client, consent, counseling_session, counselor, coverage, drug_screen,
+                              enrollment, group_session, mat_medication, program)
 from fhir_iop.mapping.common import KEY_SYSTEMS, FhirIndex, MappingContext, Unmappable, codings
 from fhir_iop.records.io import read_records, record_type_for
-from fhir_iop.records.model import (RECORD_TYPES, Attendance, Client, CounselingSession, Counselor,
-                                    Coverage, Enrollment, GroupSession, Program, Record)
+from fhir_iop.records.model import (RECORD_TYPES, Attendance, CarePlan, CarePlanGoal, Client, Consent,
+                                    CounselingSession, Counselor, Coverage, DrugScreen, Enrollment, GroupSession,
+                                    MatAdministration, MatDispense, MatMedication, Program, Record)
 
 TO_FHIR = {
     Program: program.to_fhir, Counselor: counselor.to_fhir, Client: client.to_fhir,
     Coverage: coverage.to_fhir, Enrollment: enrollment.to_fhir, GroupSession: group_session.to_fhir,
     Attendance: group_session.attendance_to_fhir, CounselingSession: counseling_session.to_fhir,
+    MatMedication: mat_medication.to_fhir, MatAdministration: mat_medication.administration_to_fhir,
+    MatDispense: mat_medication.dispense_to_fhir, DrugScreen: drug_screen.to_fhir,
+    CarePlan: care_plan.to_fhir, CarePlanGoal: care_plan.goal_to_fhir, Consent: consent.to_fhir,
 }
+
+#: resource type -> (record type, mapper) for resources that are records of their own
+FROM_FHIR = {
+    "Patient": (Client, client.from_fhir), "Practitioner": (Counselor, counselor.from_fhir),
+    "Organization": (Program, program.from_fhir), "Coverage": (Coverage, coverage.from_fhir),
+    "EpisodeOfCare": (Enrollment, enrollment.from_fhir),
+    "MedicationRequest": (MatMedication, mat_medication.from_fhir),
+    "MedicationAdministration": (MatAdministration, mat_medication.administration_from_fhir),
+    "MedicationDispense": (MatDispense, mat_medication.dispense_from_fhir),
+    "DiagnosticReport": (DrugScreen, drug_screen.from_fhir),
+    "CarePlan": (CarePlan, care_plan.from_fhir), "Goal": (CarePlanGoal, care_plan.goal_from_fhir),
+    "Consent": (Consent, consent.from_fhir),
+}
+#: resource types that map only as parts of another record, and what they are part of
+PARTS = {"Condition": "the diagnosis of an enrollment (EpisodeOfCare.diagnosis)",
+         "CareTeam": "the care team of an enrollment (EpisodeOfCare.team)",
+         "Observation": "a result of a drug screen (DiagnosticReport.result)",
+         "Specimen": "the specimen of a drug screen (DiagnosticReport.specimen)"}
+#: first-pass indexers per resource type
+INDEXERS = {"Condition": enrollment.index, "CareTeam": enrollment.index, "Observation": drug_screen.index,
+            "Specimen": drug_screen.index, "CarePlan": care_plan.index}
 
 
 def record_files(inputs: Iterable[Path]) -> list[Path]:
@@ -51,7 +77,12 @@ def _remember(rec: Record, ctx: MappingContext) -> None:
     elif isinstance(rec, Client):
         ctx.clients.add(rec.mrn)
     elif isinstance(rec, Enrollment):
-        ctx.enrollments[rec.enrollment_id] = (rec.client_mrn, rec.program_id)
+        ctx.enrollments[rec.enrollment_id] = (rec.client_mrn, rec.program_id, tuple(rec.diagnoses))
+    elif isinstance(rec, MatMedication):
+        ctx.mat_orders[rec.mat_id] = rec
+        ctx.mat_by_client.setdefault(rec.client_mrn, []).append(rec.mat_id)
+    elif isinstance(rec, CarePlan):
+        ctx.plans[rec.plan_id] = (rec.client_mrn, tuple(rec.goal_ids))
 
 
 def map_records(records: Iterable[Record], ctx: MappingContext, where: str = "",
@@ -132,8 +163,8 @@ def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
         if rt == "Organization" and res.get("name"):
             for r in refs:
                 ix.names[r] = res["name"]
-        if rt in ("Condition", "CareTeam"):
-            enrollment.index(res, ix, refs)
+        if rt in INDEXERS:
+            INDEXERS[rt](res, ix, refs)
         if rt == "Coverage":
             for p in res.get("payor", ()):
                 if k := FhirIndex.ref_key(p):
@@ -143,16 +174,8 @@ def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
 def _classify(res: dict, ctx: MappingContext):
     """(record type, mapper) for one resource, or raise Unmappable with the reason."""
     rt = res["resourceType"]
-    if rt == "Patient":
-        return Client, client.from_fhir
-    if rt == "Practitioner":
-        return Counselor, counselor.from_fhir
-    if rt == "Organization":
-        return Program, program.from_fhir
-    if rt == "Coverage":
-        return Coverage, coverage.from_fhir
-    if rt == "EpisodeOfCare":
-        return Enrollment, enrollment.from_fhir
+    if rt in FROM_FHIR:
+        return FROM_FHIR[rt]
     if rt == "Encounter":
         if not res.get("subject"):
             if group_session.is_group_service(res):
@@ -166,7 +189,10 @@ def _classify(res: dict, ctx: MappingContext):
         types = ", ".join(f"{c.get('system', '?')}|{c.get('code')}" for c in codings(res.get("type"))) or "none"
         raise Unmappable(f"not an IOP service: type ({types}) is not group, individual or family "
                          "psychotherapy", "Encounter.type")
-    raise Unmappable(f"{rt} carries no concept of IOP records in this release", rt)
+    if rt == "MedicationStatement":
+        raise Unmappable("a MedicationStatement reports use, not an order: MAT maps from MedicationRequest, "
+                         "MedicationAdministration and MedicationDispense", rt)
+    raise Unmappable(f"{rt} carries no concept of IOP records", rt)
 
 
 def _clean(data: dict) -> dict:
@@ -190,7 +216,7 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
     invalid: dict[str, list[Problem]] = {}
     for p in paths:
         _index(read_fhir(p), ix, ctx, invalid)
-    parts: dict[str, tuple[str, list[str]]] = {}  # Condition/CareTeam: key -> (where, refs)
+    parts: dict[str, tuple[str, list[str]]] = {}  # PARTS resources: key -> (where, refs)
     for p in paths:
         for item in read_fhir(p):
             if isinstance(item, Problem):
@@ -201,7 +227,7 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
                 yield from invalid[where]
                 continue
             rt = res["resourceType"]
-            if rt in ("Condition", "CareTeam"):
+            if rt in PARTS:
                 parts[_refs(res, full_url)[0]] = (where, _refs(res, full_url))
                 continue
             try:
@@ -222,9 +248,9 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
                                   + err["msg"].removeprefix("Value error, "), field=loc)
     for where, refs in parts.values():
         if not any(r in ix.consumed for r in refs):
-            kind = "diagnosis" if refs[0].startswith("Condition") else "care team"
-            yield Problem(where, f"maps to IOP records only as the {kind} of an enrollment, and no "
-                          "EpisodeOfCare in this input points to it", severity="warning", code="not-supported")
+            rt = refs[0].split("/", 1)[0]
+            yield Problem(where, f"not mapped: this {rt} maps to IOP records only as {PARTS[rt]}, and no "
+                          "record mapped from this input includes it", severity="warning", code="not-supported")
 
 
 def _is_program(res: dict) -> bool:

@@ -7,7 +7,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fhir_iop.errors import ConfigError
 from fhir_iop.terminology import MAPPINGS_DIR
@@ -24,6 +26,14 @@ class IdentifierSystems(BaseModel):
     group_session: str
     attendance: str
     counseling_session: str
+    drug_screen: str
+    mat_medication: str
+    mat_administration: str
+    mat_dispense: str
+    care_plan: str
+    care_plan_goal: str
+    consent: str
+    recipient: str
 
 
 class SiteSettings(BaseModel):
@@ -34,6 +44,15 @@ class SiteSettings(BaseModel):
     #: IANA time zone for record datetimes written without a UTC offset
     timezone: str = "America/New_York"
     identifier_systems: IdentifierSystems
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
 
 
 def _settings_path(extra: str | os.PathLike | None) -> Path:

@@ -39,6 +39,16 @@ PROFILES: dict[str, list[str]] = {
     "attendance": [f"{CANONICAL}/StructureDefinition/iop-attendance", f"{US_CORE}/us-core-encounter"],
     "counseling_session": [f"{CANONICAL}/StructureDefinition/iop-counseling-session",
                            f"{US_CORE}/us-core-encounter"],
+    "drug_screen": [f"{CANONICAL}/StructureDefinition/iop-drug-screen", f"{US_CORE}/us-core-diagnosticreport-lab"],
+    "drug_screen_result": [f"{CANONICAL}/StructureDefinition/iop-drug-screen-result",
+                           f"{US_CORE}/us-core-observation-lab"],
+    "drug_screen_specimen": [f"{CANONICAL}/StructureDefinition/iop-drug-screen-specimen", f"{US_CORE}/us-core-specimen"],
+    "mat_medication": [f"{CANONICAL}/StructureDefinition/iop-mat-medication", f"{US_CORE}/us-core-medicationrequest"],
+    "mat_administration": [f"{CANONICAL}/StructureDefinition/iop-mat-administration"],
+    "mat_dispense": [f"{CANONICAL}/StructureDefinition/iop-mat-dispense", f"{US_CORE}/us-core-medicationdispense"],
+    "care_plan": [f"{CANONICAL}/StructureDefinition/iop-care-plan", f"{US_CORE}/us-core-careplan"],
+    "care_plan_goal": [f"{CANONICAL}/StructureDefinition/iop-care-plan-goal", f"{US_CORE}/us-core-goal"],
+    "consent": [f"{CANONICAL}/StructureDefinition/iop-part2-consent"],
 }
 
 
@@ -85,8 +95,11 @@ class MappingContext:
     programs: dict[str, str] = field(default_factory=dict)           # program_id -> kind
     counselors: dict[str, str] = field(default_factory=dict)         # counselor_id -> role
     clients: set[str] = field(default_factory=set)
-    enrollments: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (mrn, program_id)
+    enrollments: dict[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)  # id -> (mrn, program_id, diagnoses)
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
+    mat_orders: dict[str, object] = field(default_factory=dict)      # mat_id -> MatMedication
+    mat_by_client: dict[str, list[str]] = field(default_factory=dict)  # mrn -> [mat_id]
+    plans: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # plan_id -> (mrn, goal_ids)
     #: which record types were part of this run (references to others are not checked)
     seen_types: set[str] = field(default_factory=set)
 
@@ -114,8 +127,9 @@ class MappingContext:
         if cached is None:
             cached = {"reference": f"{resource_type}/{self.rid(kind, key)}",
                       "identifier": {"system": system, "value": key}}
-            if len(self._refs) < 1_000_000:
-                self._refs[(kind, key)] = cached
+            if len(self._refs) >= 1 << 16:  # bounded: memory stays flat however many clients
+                self._refs.clear()
+            self._refs[(kind, key)] = cached
         return cached
 
     def client_ref(self, mrn: str) -> dict:
@@ -147,7 +161,8 @@ class MappingContext:
     def check_ref(self, where: str, field_name: str, kind: str, key: str | None,
                   problems: list[Problem]) -> None:
         index = {"programs": self.programs, "counselors": self.counselors, "clients": self.clients,
-                 "enrollments": self.enrollments, "group_sessions": self.sessions}[kind]
+                 "enrollments": self.enrollments, "group_sessions": self.sessions,
+                 "mat_medications": self.mat_orders, "care_plans": self.plans}[kind]
         if key is not None and kind in self.seen_types and key not in index:
             problems.append(Problem(where, f"{key!r} is not in this run's {kind}", field=field_name))
 
@@ -197,7 +212,8 @@ class Unmappable(Exception):
 
 KEY_SYSTEMS = {  # resource type -> the site identifier attribute that names its record
     "Patient": "mrn", "Practitioner": "counselor", "Organization": "program",
-    "Coverage": "coverage", "EpisodeOfCare": "enrollment",
+    "Coverage": "coverage", "EpisodeOfCare": "enrollment", "MedicationRequest": "mat_medication",
+    "CarePlan": "care_plan", "Goal": "care_plan_goal", "DiagnosticReport": "drug_screen",
 }
 
 
@@ -214,6 +230,8 @@ class FhirIndex:
     conditions: dict[str, str | None] = field(default_factory=dict)  # Condition ref -> ICD-10-CM
     care_teams: dict[str, list[dict]] = field(default_factory=dict)  # CareTeam ref -> members
     consumed: set[str] = field(default_factory=set)               # refs mapped inside another record
+    #: per-concept first-pass facts, keyed by reference ("Observation/x" -> parsed result, ...)
+    facts: dict[str, object] = field(default_factory=dict)
     enrollment_programs: dict[str, str] = field(default_factory=dict)
 
     def key_of(self, resource: dict, system: str | None) -> str:

@@ -48,10 +48,19 @@ def _type_name(annotation) -> str:
     return str(annotation)
 
 
+def _code_from(annotation) -> CodeFrom | None:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return next((m for m in typing.get_args(annotation)[1:] if isinstance(m, CodeFrom)), None)
+    for a in typing.get_args(annotation):
+        if (found := _code_from(a)) is not None:
+            return found
+    return None
+
+
 def _codes(field, terminology) -> str:
-    for m in field.metadata:
-        if isinstance(m, CodeFrom):
-            return ", ".join(f"`{c}`" for c in terminology.codes(m.cs_id)) + f" (CodeSystem {m.cs_id})"
+    coded = next((m for m in field.metadata if isinstance(m, CodeFrom)), None) or _code_from(field.annotation)
+    if coded is not None:
+        return ", ".join(f"`{c}`" for c in terminology.codes(coded.cs_id)) + f" (CodeSystem {coded.cs_id})"
     ann = field.annotation
     for a in (ann, *typing.get_args(ann)):
         if typing.get_origin(a) is typing.Literal:

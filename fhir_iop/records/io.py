@@ -110,7 +110,7 @@ def _csv_cell(model: type[Record], name: str, cell: str):
             values = entry.split(PART_SEP)
             if len(values) != len(names):
                 raise ValueError(f"entry {entry!r} should be {PART_SEP.join(names)}")
-            entries.append(dict(zip(names, values)))
+            entries.append({k: v for k, v in zip(names, values) if v != ""})
         return entries
     return cell
 
@@ -192,6 +192,8 @@ def read_csv(path: Path, model: type[Record], context: dict) -> Iterator[tuple[i
 def _csv_value(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, (datetime, date, time)):
         return value.isoformat()
     if isinstance(value, BaseModel):

@@ -456,9 +456,347 @@ class CounselingSession(Record):
         return self
 
 
+# -- drug screens ----------------------------------------------------------------------------
+
+ReasonCode = Literal["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "COC", "CAREMGT", "PUBHLTH", "HRESCH", "PATRQT"]
+"""Purpose of use: v3-ActReason codes (reference §6a)."""
+TimeUnit = Literal["d", "wk", "mo"]  # FHIR units-of-time (R4, required binding of Timing.repeat.periodUnit)
+
+
+class AnalyteResult(Part):
+    """One analyte of a drug screen. Concentrations are in ng/mL."""
+
+    analyte: Coded("drug-analyte")
+    """The substance tested."""
+    result: Coded("analyte-result")
+    """Detected or not detected."""
+    cutoff: float | None = Field(default=None, ge=0)
+    """Cutoff concentration (ng/mL) at or above which the analyte counts as detected."""
+    measured: float | None = Field(default=None, ge=0)
+    """Measured concentration (ng/mL), for quantitative results."""
+    flag: Coded("screen-flag") | None = None
+    """The MAT-aware reading (expected, expected-not-detected, unexpected); filled in by fhir-iop."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        fits = {"expected": "detected", "unexpected": "detected", "expected-not-detected": "not-detected"}
+        if self.flag and fits[self.flag] != self.result:
+            raise FieldError("flag", f"flag {self.flag!r} contradicts result {self.result!r}")
+        return self
+
+
+class DrugScreen(Record):
+    """One specimen tested for drugs, with a result per analyte. Maps to DiagnosticReport (LAB), an
+    Observation per analyte and a Specimen."""
+
+    file_stem: ClassVar[str] = "drug_screens"
+    key_field: ClassVar[str] = "screen_id"
+    screen_id: Id
+    """The site's identifier for the screen."""
+    client_mrn: Id
+    """The client tested (clients.mrn)."""
+    enrollment_id: Id | None = None
+    """The enrollment the screen belongs to."""
+    specimen: Coded("specimen-kind")
+    """Urine or oral fluid."""
+    collected_at: DateTime
+    """When the specimen was collected."""
+    observed: bool = False
+    """Whether collection was directly observed."""
+    method: Coded("screen-method")
+    """Point-of-care screen, lab immunoassay, or confirmation."""
+    panel: Coded("drug-panel")
+    """The panel tested."""
+    results: list[AnalyteResult] = Field(min_length=1)
+    """Per-analyte results."""
+    status: Literal["final", "preliminary", "corrected"] = "final"
+    """Report status (FHIR diagnostic-report-status subset)."""
+    resulted_at: DateTime | None = None
+    """When results were issued."""
+    performing_lab: str | None = None
+    """Name of the performing laboratory (empty for point-of-care)."""
+    accession_number: str | None = None
+    """The laboratory's accession number."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        seen = [r.analyte for r in self.results]
+        if len(set(seen)) != len(seen):
+            raise FieldError("results", "an analyte is listed twice")
+        if self.resulted_at and self.resulted_at < self.collected_at:
+            raise FieldError("resulted_at", "resulted_at is before collected_at")
+        if self.method == "point-of-care" and self.performing_lab:
+            raise FieldError("performing_lab", "a point-of-care screen has no performing lab")
+        return self
+
+
+# -- medication-assisted treatment --------------------------------------------------------------
+
+class MatMedication(Record):
+    """A MAT prescription or order. Maps to MedicationRequest (US Core)."""
+
+    file_stem: ClassVar[str] = "mat_medications"
+    key_field: ClassVar[str] = "mat_id"
+    mat_id: Id
+    """The site's identifier for the order."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    enrollment_id: Id | None = None
+    """The enrollment the MAT supports."""
+    drug: Coded("mat-drug")
+    """The product; RxNorm through the mat-drug-to-rxnorm ConceptMap."""
+    dose: float = Field(gt=0)
+    """Dose per administration."""
+    dose_unit: Literal["mg", "mL"]
+    """Unit of dose (UCUM)."""
+    route: Coded("mat-route")
+    """Route of administration."""
+    frequency_count: int = Field(ge=1)
+    """Doses per period (1 for daily, weekly or monthly)."""
+    frequency_period: int = Field(default=1, ge=1)
+    """Length of the period, in frequency_unit."""
+    frequency_unit: TimeUnit
+    """d (day), wk (week) or mo (month)."""
+    prescriber_id: Id
+    """The prescriber (counselors.counselor_id)."""
+    start: date
+    """First day of treatment."""
+    end: date | None = None
+    """Last day of treatment."""
+    status: Literal["active", "on-hold", "completed", "stopped"]
+    """Order status (FHIR medicationrequest-status subset)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.end and self.end < self.start:
+            raise FieldError("end", "end is before start")
+        if self.status in ("completed", "stopped") and not self.end:
+            raise FieldError("end", f"a {self.status} order needs end")
+        return self
+
+
+class MatAdministration(Record):
+    """A dose given in clinic (daily methadone, a monthly injection). Maps to MedicationAdministration."""
+
+    file_stem: ClassVar[str] = "mat_administrations"
+    key_field: ClassVar[str] = "administration_id"
+    administration_id: Id
+    """The site's identifier for the administration."""
+    mat_id: Id
+    """The order (mat_medications.mat_id)."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    administered_at: DateTime
+    """When the dose was given (or due, if not done)."""
+    dose: float = Field(gt=0)
+    """Dose given."""
+    dose_unit: Literal["mg", "mL"]
+    """Unit of dose (UCUM)."""
+    route: Coded("mat-route")
+    """Route."""
+    status: Literal["completed", "not-done"] = "completed"
+    """Whether the dose was given."""
+    performer_id: Id | None = None
+    """Who gave it (counselors.counselor_id)."""
+
+
+class MatDispense(Record):
+    """Take-home doses handed to the client. Maps to MedicationDispense (US Core)."""
+
+    file_stem: ClassVar[str] = "mat_dispenses"
+    key_field: ClassVar[str] = "dispense_id"
+    dispense_id: Id
+    """The site's identifier for the dispense."""
+    mat_id: Id
+    """The order (mat_medications.mat_id)."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    dispensed_at: DateTime
+    """When the supply was handed over."""
+    quantity: float = Field(gt=0)
+    """Amount handed over."""
+    quantity_unit: Literal["mL", "tablet", "film"]
+    """Unit of quantity."""
+    days_supply: int = Field(ge=1, le=90)
+    """Days the supply lasts."""
+    status: Literal["completed", "cancelled"] = "completed"
+    """Dispense status."""
+    performer_id: Id | None = None
+    """Who dispensed it (counselors.counselor_id)."""
+
+
+# -- care plans ---------------------------------------------------------------------------------
+
+class Intervention(Part):
+    """A planned intervention and how often, e.g. group therapy 3 per 1 wk."""
+
+    activity: Coded("care-activity")
+    """The intervention."""
+    count: int = Field(ge=1)
+    """Times per period."""
+    period: int = Field(ge=1)
+    """Length of the period."""
+    unit: TimeUnit
+    """d, wk or mo."""
+
+
+class Review(Part):
+    """A review of the plan."""
+
+    reviewed_on: date
+    """Date of the review."""
+    reviewer_id: Id
+    """Reviewer (counselors.counselor_id)."""
+
+
+class Signature(Part):
+    """Who signed the plan, and when."""
+
+    signer: Literal["client", "counselor", "guardian"]
+    """Who signed."""
+    signed_on: date
+    """Date signed."""
+
+
+class CarePlan(Record):
+    """A treatment, relapse-prevention or aftercare plan. Maps to CarePlan (US Core, assess-plan)."""
+
+    file_stem: ClassVar[str] = "care_plans"
+    key_field: ClassVar[str] = "plan_id"
+    plan_id: Id
+    """The site's identifier for the plan."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    enrollment_id: Id
+    """The enrollment the plan belongs to."""
+    kind: Coded("care-plan-kind")
+    """Treatment, relapse-prevention or aftercare plan."""
+    title: Text
+    """Plan title."""
+    status: Literal["draft", "active", "completed", "revoked"]
+    """Plan status (FHIR request-status subset)."""
+    created_on: date
+    """Date written."""
+    start: date
+    """First day the plan applies."""
+    end: date | None = None
+    """Last day the plan applies."""
+    author_id: Id
+    """Author (counselors.counselor_id)."""
+    problems: list[ICD10CM] = Field(default_factory=list)
+    """Diagnoses the plan addresses (from the enrollment's diagnoses)."""
+    goal_ids: list[Id] = Field(default_factory=list)
+    """The plan's goals (care_plan_goals.goal_id)."""
+    interventions: list[Intervention] = Field(default_factory=list)
+    """Planned interventions and their frequency."""
+    triggers: list[Text] = Field(default_factory=list)
+    """Relapse triggers the client identified."""
+    warning_signs: list[Text] = Field(default_factory=list)
+    """Early warning signs of relapse."""
+    coping_strategies: list[Text] = Field(default_factory=list)
+    """Coping strategies to use."""
+    support_contacts: list[Text] = Field(default_factory=list)
+    """People to call, e.g. "Sponsor Mike 555-0142"."""
+    aftercare_steps: list[Text] = Field(default_factory=list)
+    """Aftercare arrangements after discharge (aftercare plans)."""
+    reviews: list[Review] = Field(default_factory=list)
+    """Reviews, oldest first."""
+    signatures: list[Signature] = Field(default_factory=list)
+    """Signatures."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.end and self.end < self.start:
+            raise FieldError("end", "end is before start")
+        if self.kind != "relapse-prevention":
+            for name in ("triggers", "warning_signs", "coping_strategies"):
+                if getattr(self, name):
+                    raise FieldError(name, f"{name} belong to a relapse-prevention plan")
+        if self.kind != "aftercare" and self.aftercare_steps:
+            raise FieldError("aftercare_steps", "aftercare_steps belong to an aftercare plan")
+        return self
+
+
+class CarePlanGoal(Record):
+    """A goal of a care plan. Maps to Goal (US Core)."""
+
+    file_stem: ClassVar[str] = "care_plan_goals"
+    key_field: ClassVar[str] = "goal_id"
+    goal_id: Id
+    """The site's identifier for the goal."""
+    plan_id: Id
+    """The plan (care_plans.plan_id)."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    description: Text
+    """The goal, in the client's words where possible."""
+    target: str | None = None
+    """What counts as reaching it, e.g. "negative screens for 8 weeks"."""
+    start: date | None = None
+    """When work on the goal starts."""
+    due: date | None = None
+    """Target date."""
+    status: Literal["proposed", "active", "on-hold", "completed", "cancelled"]
+    """Goal lifecycle status (FHIR goal-status subset)."""
+
+
+# -- consent ------------------------------------------------------------------------------------
+
+class Consent(Record):
+    """A client's written consent under 42 CFR Part 2 to disclose to one recipient. Maps to Consent."""
+
+    file_stem: ClassVar[str] = "consents"
+    key_field: ClassVar[str] = "consent_id"
+    consent_id: Id
+    """The site's identifier for the consent."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    program_id: Id
+    """The disclosing program (programs.program_id)."""
+    recipient_id: Id
+    """The site's identifier for the recipient."""
+    recipient_name: Text
+    """Recipient name as on the form."""
+    recipient_kind: Coded("recipient-kind")
+    """What kind of recipient."""
+    recipient_npi: Npi | None = None
+    """Recipient NPI, if a provider or organisation has one."""
+    purposes: list[ReasonCode] = Field(min_length=1)
+    """Purposes of use the client agreed to (v3-ActReason)."""
+    data_classes: list[Coded("consent-data-class")] = Field(min_length=1)
+    """What may be shared."""
+    signed_on: date
+    """Date the client signed."""
+    start: date
+    """First day disclosure is permitted."""
+    end: date | None = None
+    """Expiry date (Part 2 requires an expiration date, event or condition)."""
+    revoked_on: date | None = None
+    """Date the client revoked the consent; disclosure stops from this day."""
+
+    @property
+    def status(self) -> str:
+        return "inactive" if self.revoked_on else "active"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.end and self.end < self.start:
+            raise FieldError("end", "end is before start")
+        if self.start < self.signed_on:
+            raise FieldError("start", "start is before signed_on")
+        if self.revoked_on and self.revoked_on < self.signed_on:
+            raise FieldError("revoked_on", "revoked_on is before signed_on")
+        for name in ("purposes", "data_classes"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise FieldError(name, f"{name} lists a value twice")
+        return self
+
+
 #: Record types in dependency order: a type's references point only to types before it.
 RECORD_TYPES: tuple[type[Record], ...] = (
-    Program, Counselor, Client, Coverage, Enrollment, GroupSession, Attendance, CounselingSession)
+    Program, Counselor, Client, Coverage, Enrollment, GroupSession, Attendance, CounselingSession,
+    MatMedication, MatAdministration, MatDispense, DrugScreen, CarePlan, CarePlanGoal, Consent)
 BY_STEM: dict[str, type[Record]] = {t.file_stem: t for t in RECORD_TYPES}
 
 
