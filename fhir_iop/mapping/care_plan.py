@@ -78,8 +78,10 @@ def _narrative(p: CarePlan, ctx: MappingContext) -> dict:
     return {"status": "generated", "div": f'<div xmlns="{XHTML}">' + "".join(parts) + "</div>"}
 
 
-def _activity_status(plan_status: str) -> str:
-    return "scheduled" if plan_status == "draft" else "in-progress"
+def _activity_status(ctx: MappingContext, plan_status: str) -> str:
+    (target,) = ctx.terminology.concept_map("care-plan-status-to-activity-status").translate(
+        "http://hl7.org/fhir/request-status", plan_status)
+    return target.code
 
 
 def to_fhir(p: CarePlan, ctx: MappingContext, problems: list[Problem]) -> list[dict]:
@@ -129,7 +131,7 @@ def to_fhir(p: CarePlan, ctx: MappingContext, problems: list[Problem]) -> list[d
         res["goal"] = [ctx.ref("Goal", "care_plan_goal", g, ctx.systems.care_plan_goal) for g in p.goal_ids]
     if p.interventions:
         res["activity"] = [{"detail": {
-            "code": {"coding": [t.coding("care-activity", i.activity)]}, "status": _activity_status(p.status),
+            "code": {"coding": [t.coding("care-activity", i.activity)]}, "status": _activity_status(ctx, p.status),
             "scheduledTiming": {"repeat": {"frequency": i.count, "period": i.period, "periodUnit": i.unit}}}}
             for i in p.interventions]
     return [res]
