@@ -23,13 +23,34 @@ clients with a family contact also have a family session every other week.
 Staff and groups grow with ``clients``: one group per track for every ~40 clients of the run, one
 clinician per ~20, one psychiatrist, nurse, case manager and peer specialist per ~150.
 
+Everyone admitted has a treatment plan (problems = the enrollment's diagnoses; interventions by level
+of care; two or three goals; reviewed every ~30 days by the primary counsellor; signed by client and
+counsellor). The substance-use program adds, per enrollment:
+
+- MAT, prescribed by the psychiatrist: buprenorphine/naloxone film (some inducted a few days after
+  admission, the first dose observed in clinic), methadone oral concentrate (observed doses by the
+  nurse on program days with take-homes for the days between; after 30 days one observed dose and
+  a 6-day take-home a week), extended-release naltrexone (monthly, after 7-14 opioid-free days; also
+  for alcohol use), or Sublocade (after at least a week on films, whose order is then stopped).
+- An intake drug screen and one random screen a week (point-of-care cup or lab immunoassay; now and
+  then an oral-fluid swab), testing the client's MAT analytes beside the usual drugs; a few
+  unexpected positives, a few MAT analytes missing, and fentanyl positives confirmed by the lab.
+  The MAT-aware ``flag`` is left for fhir-iop to fill in.
+- A relapse-prevention plan a few weeks in, and an aftercare plan for clients who complete.
+- Part 2 consents signed at intake: to the client's primary-care EHR (most clients) and to the
+  payer (clients with coverage); one EHR consent in 40 (the run's third first) is revoked.
+
+These draw from a random stream of their own, so the other files are as without them.
+
 The files are an extract of ``weeks`` weeks from ``start``: about a third of the clients were
 admitted before ``start`` and are mid-course; the last referrals are still waiting for admission;
-nothing after the last day is known yet. Sessions before ``start`` are not in the extract.
+nothing after the last day is known yet. Sessions, doses and screens before ``start`` are not in
+the extract (orders, plans and consents written earlier are, as current records).
 Datetimes carry the site's UTC offset (-05:00, or -04:00 once daylight saving time starts).
 
 Records are written as they are made (CSV through ``csv.writer``, or NDJSON through orjson): memory
-holds one small plan per enrollment (the group rosters), never sessions or attendance.
+holds one small plan per enrollment (the group rosters), never sessions, attendance, doses, screens
+or plans.
 """
 
 from __future__ import annotations
@@ -141,14 +162,30 @@ class Deck:
     """Draws in fixed proportions, so that even a small clinic shows every case: each round of
     draws deals every card once, in a shuffled order."""
 
-    def __init__(self, rng: random.Random, cards: dict):
+    def __init__(self, rng: random.Random, cards: dict, early: tuple = (), within: int = 4):
         self.rng, self.cards, self.hand = rng, [c for c, n in cards.items() for _ in range(n)], []
+        self.early, self.within = early, within  # cards dealt within the first draws of the first round
 
     def draw(self):
         if not self.hand:
             self.hand = self.cards[:]
             self.rng.shuffle(self.hand)
+            hand = self.hand
+            window = list(range(max(0, len(hand) - self.within), len(hand)))  # the next draws (popped last first)
+            for card in self.early:
+                inside = [i for i in window if hand[i] == card]
+                if inside:  # already among the next draws
+                    window.remove(inside[0])
+                elif window and card in hand[:len(hand) - self.within]:  # swap one from further down in
+                    top = window.pop(self.rng.randrange(len(window)))
+                    k = hand.index(card)
+                    hand[k], hand[top] = hand[top], hand[k]
+            self.early = ()
         return self.hand.pop()
+
+    def put_back(self, card) -> None:
+        """Return a card that did not fit this draw: it comes up again next."""
+        self.hand.append(card)
 
 
 def weekday_on_or_after(d: date) -> date:
@@ -206,7 +243,7 @@ class Files:
         if self.fmt == "csv":
             sink([_cell(row.get(f)) for f in fields])
         else:
-            sink(orjson.dumps({f: row[f] for f in fields if row.get(f) not in (None, [])},
+            sink(orjson.dumps({f: _json(row[f]) for f in fields if row.get(f) not in (None, [])},
                               option=orjson.OPT_APPEND_NEWLINE))
         self.counts[stem] += 1
 
@@ -216,14 +253,24 @@ class Files:
 
 
 def _cell(v) -> str:
-    """A CSV cell: lists `|`-separated, histories `status@date;status@date`."""
+    """A CSV cell: lists `|`-separated, histories `status@date;status@date` (parts in model field
+    order, an empty optional part left empty: `fentanyl@detected@1@@`), booleans true/false."""
     if v is None:
         return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, list):
         if v and isinstance(v[0], dict):
-            return ";".join("@".join(str(x) for x in e.values()) for e in v)
+            return ";".join("@".join(_cell(x) for x in e.values()) for e in v)
         return "|".join(v)
     return str(v)
+
+
+def _json(v):
+    """An NDJSON value: parts without their empty optional values."""
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return [{k: x for k, x in e.items() if x is not None} for e in v]
+    return v
 
 
 # -- staff --------------------------------------------------------------------------------------
@@ -350,23 +397,26 @@ def diagnoses(rng, program: str) -> list[str]:
 
 def generate(out_dir: Path, clients: int = 25, weeks: int = 10, seed: int = 2026,
              start: date = date(2026, 1, 5), fmt: str = "csv") -> dict[str, int]:
-    """Write the clinic's eight record files to ``out_dir``; return the record count per file stem."""
+    """Write the clinic's record files (one per record type) to ``out_dir``; return the record count
+    per file stem."""
     if fmt not in ("csv", "ndjson"):
         raise ValueError(f"format {fmt!r}: use csv or ndjson")
     if start.weekday() != 0:
         raise ValueError(f"start {start} is not a Monday")
     out = Files(Path(out_dir), fmt)
     try:
-        Clinic(random.Random(seed), out, clients, weeks, start).run()
+        Clinic(random.Random(seed), out, clients, weeks, start, random.Random(f"{seed}/care")).run()
     finally:
         out.close()
     return dict(out.counts)
 
 
 class Clinic:
-    def __init__(self, rng: random.Random, out: Files, clients: int, weeks: int, start: date):
+    def __init__(self, rng: random.Random, out: Files, clients: int, weeks: int, start: date,
+                 care_rng: random.Random):
         self.rng, self.out, self.clients, self.weeks, self.start = rng, out, clients, weeks, start
         self.last_day = start + timedelta(weeks=weeks, days=-1)
+        self.care_rng = care_rng
         self.groups = {(p, t): n_groups(clients, p, t) for p in PROGRAMS for t in TRACKS}
         self.rosters = {(p, t, g): [] for (p, t), n in self.groups.items() for g in range(n)}
         self.joined = dict.fromkeys(self.groups, 0)    # clients per program and track so far
@@ -382,6 +432,7 @@ class Clinic:
         for pid, program in PROGRAMS.items():
             out.write("programs", program_id=pid, **program)
         self.clinicians, self.support, self.offices = make_staff(rng, self.clients, out)
+        self.care = Care(self.care_rng, out, start, last_day, self.support["peer-specialist"])
         self.leads = {(p, t, g): self.clinicians[p][(g + t_index) % len(self.clinicians[p])]
                       for p in PROGRAMS for t_index, t in enumerate(TRACKS) for g in range(self.groups[p, t])}
         for i in range(self.clients):
@@ -398,17 +449,18 @@ class Clinic:
                 referred = start + timedelta(days=rng.randint(-7, self.weeks * 7 - 1))
                 admitted = weekday_on_or_after(referred + timedelta(days=rng.randint(3, 14)))
             program = "SUD-IOP" if rng.random() < PROGRAM_SHARE["SUD-IOP"] else "PSY-IOP"
-            if rng.random() < 0.92:
-                write_coverage(rng, i, mrn, birth, referred, admitted if admitted <= last_day else None, out)
-            c = self.enroll(mrn, program, referred, admitted, family_contact)
+            payer = write_coverage(rng, i, mrn, birth, referred, admitted if admitted <= last_day else None, out) \
+                if rng.random() < 0.92 else None
+            c = self.enroll(mrn, program, referred, admitted, family_contact, payer)
             if c["reason"] == "transferred":  # moved to the clinic's other program
                 other = next(p for p in PROGRAMS if p != program)
                 self.enroll(mrn, other, c["discharged"], weekday_on_or_after(c["discharged"] + ONE_DAY),
-                            family_contact, transferred_in=True)
+                            family_contact, payer, transferred_in=True)
         write_groups(rng, start, self.weeks, self.rosters, self.leads, self.support, out)
 
-    def enroll(self, mrn, program, referred, admitted, family_contact, transferred_in=False) -> dict:
-        """One enrollment record, its counselling sessions, and its place in a group's roster."""
+    def enroll(self, mrn, program, referred, admitted, family_contact, payer, transferred_in=False) -> dict:
+        """One enrollment record, its counselling sessions, its place in a group's roster, and its
+        clinical records (MAT, drug screens, care plans, consents)."""
         rng = self.rng
         c = plan_course(rng, self.outcomes.draw(), program, referred, admitted, self.last_day, transferred_in)
         self.enrollments += 1
@@ -441,6 +493,9 @@ class Clinic:
         plan = Plan(eid, mrn, c["statuses"], c["levels"], iop3, c["absence"])
         self.rosters[program, track, group].append(plan)
         self.counseling(plan, primary, c["admitted"], c["discharged"] or self.last_day, family_contact)
+        nurse = self.support["nurse"][n % len(self.support["nurse"])]
+        self.care.enrollment(eid, mrn, program, c, row["diagnoses"], primary, team, plan, track, family_contact,
+                             nurse, payer)
         return c
 
     def book(self, counselor: str, kind: str, slots: int, first: date, last: date) -> int:
@@ -481,6 +536,440 @@ class Clinic:
                        modality=modality, location=self.offices[counselor] if modality == "in-person" else None)
 
 
+# -- substance-use care: MAT, drug screens, care plans, consents ------------------------------------
+
+NALTREXONE = ("naltrexone-xr-inj-380", 380, "intramuscular", "mo")
+MAT = {  # kind -> (drug, dose in mg, route, frequency unit)
+    "bup-film": ("bup-nx-film-8-2", None, "sublingual", "d"),
+    "methadone": ("methadone-oral-conc-10", None, "oral", "d"),
+    "naltrexone": NALTREXONE,
+    "sublocade": ("bup-xr-inj-300", 300, "subcutaneous", "mo"),
+}
+MAT_ANALYTES = {"bup-nx-film-8-2": ("buprenorphine", "norbuprenorphine"),  # mat-drug-to-analyte
+                "bup-xr-inj-300": ("buprenorphine", "norbuprenorphine"),
+                "bup-xr-inj-100": ("buprenorphine", "norbuprenorphine"),
+                "methadone-oral-conc-10": ("methadone", "eddp")}
+SCREEN = ("opiates", "fentanyl", "cocaine", "amphetamines", "cannabinoids", "benzodiazepines")
+UDS5 = ("amphetamines", "cocaine", "cannabinoids", "opiates", "pcp")
+ORAL_FLUID = ("opiates", "fentanyl", "cocaine", "amphetamines", "cannabinoids", "benzodiazepines",
+              "buprenorphine", "methadone")  # parent drugs: no metabolites in oral fluid
+CUTOFFS = {  # ng/mL
+    "point-of-care": dict(opiates=300, fentanyl=1, cocaine=150, amphetamines=500, cannabinoids=50,
+                          benzodiazepines=300, buprenorphine=10, norbuprenorphine=10, methadone=300,
+                          eddp=300, pcp=25),
+    "lab-immunoassay": dict(opiates=300, fentanyl=1, cocaine=150, amphetamines=500, cannabinoids=20,
+                            benzodiazepines=200, buprenorphine=5, norbuprenorphine=5, methadone=150,
+                            eddp=100, pcp=25, etg=500),
+    "oral-fluid": dict(opiates=40, fentanyl=1, cocaine=20, amphetamines=50, cannabinoids=4,
+                       benzodiazepines=10, buprenorphine=5, methadone=20),
+}
+LAB = "Garden State Toxicology Laboratory"
+
+EHR_RECIPIENTS = (("RIVERSIDE-PC", "Riverside Primary Care", npi("147258036")),
+                  ("BAYSHORE-FHC", "Bayshore Family Health Center", npi("163074185")),
+                  ("MONMOUTH-IM", "Monmouth Internal Medicine Associates", npi("129384756")))
+
+GOALS = {  # (description, target)
+    "F11": ("Stop using opioids and fentanyl", "negative opioid and fentanyl screens for 8 weeks in a row"),
+    "F10": ("Stop drinking", "no alcohol for 60 days, by self-report and EtG screens"),
+    "F19": ("Stop using cocaine and other drugs", "negative screens for 8 weeks in a row"),
+    "daily": ("Take my medication every day as prescribed", "every screen positive for my medication"),
+    "monthly": ("Get my injection every month", "no missed or late injections"),
+    "F99": ("Feel less depressed and more like myself", "PHQ-9 below 10"),
+}
+SUD_GOALS = (("Come to my groups", "attend at least 90% of scheduled groups"),
+             ("Build a sober support network", "a home group and a sponsor; three meetings a week"),
+             ("Handle cravings without using", "use a coping skill from my plan when cravings hit"),
+             ("Get back to work", "back at work part-time"),
+             ("Repair things with my family", "a sober family activity every week"))
+PSY_GOALS = (("Use coping skills instead of isolating when I am overwhelmed", "skills diary 5 days a week"),
+             ("Keep a steady sleep routine", "7 hours a night, 5 nights a week"),
+             ("Manage panic and worry", "GAD-7 below 10"),
+             ("Stay out of the hospital", "no emergency visits or admissions during the program"),
+             ("Come to my groups", "attend at least 90% of scheduled groups"))
+TRIGGERS = ("Payday", "Arguments with my partner", "Driving past my old neighborhood", "Being alone on weekends",
+            "Stress at work", "Chronic back pain", "Running into people I used with", "Boredom in the evenings",
+            "Holidays and family gatherings", "Not sleeping", "Feeling left out", "Watching the game at a bar")
+WARNING_SIGNS = ("Skipping groups or meetings", "Isolating from family", "Romanticizing past use",
+                 "Staying up all night", "Snapping at people", "Thinking I can use just once",
+                 "Lying about small things", "Keeping cash on me", "Stopping my medication")
+COPING = ("Call my sponsor", "Go to a meeting", "Play the tape forward", "Urge surfing for 20 minutes",
+          "Walk or go to the gym", "Text the group chat", "HALT check: hungry, angry, lonely, tired?",
+          "Leave the situation", "Pray or meditate for ten minutes", "Write in my journal")
+CONTACTS = {"Sponsor": MALE + FEMALE, "Sister": FEMALE, "Brother": MALE, "Mom": FEMALE, "Dad": MALE,
+            "Friend from NA": MALE + FEMALE, "Friend from AA": MALE + FEMALE, "Cousin": MALE + FEMALE,
+            "Home group member": MALE + FEMALE, "Partner": MALE + FEMALE}
+OUTPATIENT = ("Weekly outpatient therapy at Harbor Light OP", "Weekly outpatient therapy at Harbor Light OP",
+              "Biweekly therapy with an outpatient counselor near home")
+MUTUAL_HELP = ("SMART Recovery Tuesdays", "AA home group Thursday nights at St. Mark's",
+               "NA Sunday evening meeting in Asbury Park", "Celebrate Recovery Fridays in Freehold")
+AFTERCARE_MORE = ("Harbor Light alumni group, first Wednesday of the month",
+                  "Weekly check-in with a peer recovery coach", "Monthly psychiatric follow-up at Harbor Light",
+                  "Vocational rehabilitation intake at the county office")
+MAT_AFTERCARE = {"bup-film": "Buprenorphine continued by Riverside Primary Care",
+                 "methadone": "Methadone dosing continued at the Shore Opioid Treatment Program",
+                 "naltrexone": "Monthly Vivitrol injection at Riverside Primary Care",
+                 "sublocade": "Monthly Sublocade injection at Riverside Primary Care"}
+
+
+def num(x: float):
+    """A number as written: 48 rather than 48.0."""
+    return int(x) if float(x).is_integer() else round(x, 2)
+
+
+@dataclass(slots=True)
+class Order:
+    mat_id: str
+    drug: str
+    dose: float
+    route: str
+    unit: str
+    start: date
+    end: date | None  # None: open (still running on the extract's last day)
+
+    def covers(self, d: date) -> bool:
+        return self.start <= d and (self.end is None or d <= self.end)
+
+
+class Care:
+    """The substance-use program's clinical records for one enrollment at a time: MAT orders with their
+    in-clinic doses and take-home supplies, weekly random drug screens, care plans with goals, and Part 2
+    consents. Draws from its own random stream, so the other record files stay as they were."""
+
+    def __init__(self, rng: random.Random, out: Files, start: date, last_day: date, peers=()):
+        self.rng, self.out, self.start, self.last_day, self.peers = rng, out, start, last_day, set(peers)
+        self.n = dict.fromkeys(("mat", "adm", "disp", "screen", "plan", "consent", "acc"), 0)
+        self.oud = Deck(rng, {"bup-film": 4, "methadone": 3, "naltrexone": 1, "sublocade": 1, "none": 2},
+                        early=("sublocade", "methadone", "methadone", "naltrexone", "bup-film", "bup-film"), within=8)
+        self.aud = Deck(rng, {"naltrexone": 1, "none": 3})
+        self.bup_late = Deck(rng, {"at admission": 2, "induction": 1})  # bup started in the program
+        self.positive = Deck(rng, {"positive": 1, "negative": 17}, early=("positive",), within=12)
+        self.drug = Deck(rng, {"fentanyl": 1, "cocaine": 2, "cannabinoids": 2}, early=("fentanyl",))
+        self.missing = Deck(rng, {"absent": 1, "present": 17})  # MAT expected but not detected
+        self.oral = Deck(rng, {"oral-fluid": 1, "urine": 79}, early=("oral-fluid",), within=30)
+        self.ehr = Deck(rng, {"consent": 4, "none": 1})
+        self.ehr_consents = 0
+        self.revoke_pending = False  # one EHR consent in 40 (the third of the run first) is revoked
+
+    def next_id(self, kind: str, prefix: str, width: int = 6) -> str:
+        self.n[kind] += 1
+        return f"{prefix}{self.n[kind]:0{width}d}"
+
+    def enrollment(self, eid: str, mrn: str, program: str, c: dict, dx: list, primary: str, team: list,
+                   plan: Plan, track: str, family_contact: bool, nurse: str, payer: tuple | None) -> None:
+        admitted, until = c["admitted"], c["discharged"] or self.last_day
+        sud = program == "SUD-IOP"
+        orders, kind = self.mat(eid, mrn, c, dx, team[1], plan, nurse) if sud else ([], None)
+        if sud:
+            self.screens(eid, mrn, dx, plan, track, admitted, until, orders)
+        self.care_plans(eid, mrn, program, c, dx, primary, plan, family_contact, team, kind)
+        if sud:
+            self.consents(mrn, program, admitted, until, payer)
+
+    # -- MAT ---------------------------------------------------------------------------------------
+
+    def mat(self, eid, mrn, c, dx, prescriber, plan: Plan, nurse) -> tuple[list[Order], str | None]:
+        """Decide the client's MAT and write its orders, doses and take-home supplies."""
+        rng = self.rng
+        admitted, discharged = c["admitted"], c["discharged"]
+        until = discharged or self.last_day
+        if any(d.startswith("F11") for d in dx):
+            kind = self.oud.draw()
+        elif any(d.startswith("F10") for d in dx):
+            kind = self.aud.draw()
+        else:
+            return [], None
+        if kind == "none":
+            return [], None
+        first = admitted
+        if kind == "naltrexone":  # after 7-14 days opioid-free (alcohol: once withdrawal is over)
+            first = admitted + timedelta(days=rng.randint(7, 14) if dx[0].startswith("F11") else rng.randint(2, 6))
+        elif kind == "bup-film" and self.bup_late.draw() == "induction":
+            first = admitted + timedelta(days=rng.randint(2, 10))
+        switch = admitted + timedelta(days=rng.randint(8, 14)) if kind == "sublocade" else None
+        if kind == "sublocade" and switch + timedelta(days=7) > until:
+            self.oud.put_back(kind)  # too short a stay to see the switch: the next client gets it
+            kind, switch = "bup-film", None
+        first = weekday_on_or_after(first)
+        if first > until:  # starts after discharge or after the extract: not known here
+            return [], None
+        ended = "stopped" if c["reason"] in ("left-against-advice", "non-attendance") else "completed"
+        on_hold = discharged is None and _current(plan.statuses, self.last_day) == "on-hold"
+
+        def order(drug, dose, route, unit, start, end=None, status=None) -> Order:
+            mat_id = self.next_id("mat", "MAT")
+            if end is None and discharged:
+                end, status = discharged, ended
+            status = status or ("on-hold" if on_hold else "active")
+            self.out.write("mat_medications", mat_id=mat_id, client_mrn=mrn, enrollment_id=eid, drug=drug,
+                           dose=num(dose), dose_unit="mg", route=route, frequency_count=1, frequency_period=1,
+                           frequency_unit=unit, prescriber_id=prescriber, start=start, end=end, status=status)
+            return Order(mat_id, drug, dose, route, unit, start, end)
+
+        orders = []
+        if kind in ("bup-film", "sublocade"):
+            dose = weighted(rng, {16: 5, 8: 2, 12: 1, 24: 1})
+            if switch:  # seven days or more on films first, then the monthly injection
+                switch = weekday_on_or_after(switch)
+                orders.append(order("bup-nx-film-8-2", dose, "sublingual", "d", first,
+                                    switch - ONE_DAY, "stopped"))
+            else:
+                orders.append(order("bup-nx-film-8-2", dose, "sublingual", "d", first))
+                if first > admitted and first >= self.start and plan.active_on(first):  # induction, observed
+                    self.administer(orders[0], mrn, first, time(10, rng.randrange(0, 60, 5)), 8, nurse)
+        if kind == "sublocade":
+            third = switch + timedelta(days=56)  # 300 mg for two months, then 100 mg maintenance
+            if third <= until:
+                orders.append(order("bup-xr-inj-300", 300, "subcutaneous", "mo", switch, third - ONE_DAY,
+                                    "completed"))
+                orders.append(order("bup-xr-inj-100", 100, "subcutaneous", "mo", third))
+            else:
+                orders.append(order("bup-xr-inj-300", 300, "subcutaneous", "mo", switch))
+            for o in orders[1:]:
+                self.injections(o, mrn, plan, nurse)
+        elif kind == "naltrexone":
+            stop = first + timedelta(days=28)  # some decline the second injection
+            if rng.random() < 0.25 and stop < until:
+                orders.append(order("naltrexone-xr-inj-380", 380, "intramuscular", "mo", first, stop, "stopped"))
+            else:
+                orders.append(order("naltrexone-xr-inj-380", 380, "intramuscular", "mo", first))
+            self.injections(orders[0], mrn, plan, nurse)
+        elif kind == "methadone":
+            dose = rng.randrange(60, 125, 5)
+            orders.append(order("methadone-oral-conc-10", dose, "oral", "d", first))
+            self.methadone(orders[0], mrn, plan, nurse)
+        return orders, kind
+
+    def administer(self, o: Order, mrn: str, d: date, t: time, dose: float, nurse: str, status="completed"):
+        self.out.write("mat_administrations", administration_id=self.next_id("adm", "MA", 7), mat_id=o.mat_id,
+                       client_mrn=mrn, administered_at=at(d, t), dose=num(dose), dose_unit="mg", route=o.route,
+                       status=status, performer_id=nurse)
+
+    def injections(self, o: Order, mrn: str, plan: Plan, nurse: str):
+        """Monthly injections (every 28 days) while the order runs, in the extract, on days in care."""
+        d = o.start
+        while d <= min(o.end or self.last_day, self.last_day):
+            if d >= self.start and plan.active_on(d):
+                self.administer(o, mrn, d, time(self.rng.randint(10, 15), self.rng.randrange(0, 60, 5)),
+                                o.dose, nurse)
+            d = weekday_on_or_after(d + timedelta(days=28))
+
+    def methadone(self, o: Order, mrn: str, plan: Plan, nurse: str):
+        """Observed dosing in clinic on program days, with take-homes for the days in between; after 30
+        days on methadone (earned take-home privileges) one observed dose a week and 6 days to take home."""
+        rng = self.rng
+        mL = o.dose / 10  # 10 mg/mL oral concentrate
+        d = max(o.start, self.start)
+        while d <= (o.end or self.last_day):
+            days = plan.days_on(d)
+            weekday = DAYS[d.weekday()]
+            if weekday in days and plan.active_on(d):
+                privileged = (d - o.start).days >= 30
+                if not privileged or weekday == days[0]:
+                    t = time(rng.randint(6, 8), rng.randrange(0, 60, 5))  # before work and morning groups
+                    missed = not privileged and rng.random() < 0.03
+                    self.administer(o, mrn, d, t, o.dose, nurse, "not-done" if missed else "completed")
+                    later = [k for k in range(1, 8) if DAYS[(d.weekday() + k) % 7] in days]
+                    supply = 6 if privileged else later[0] - 1
+                    if supply and not missed and d != o.end:
+                        self.out.write("mat_dispenses", dispense_id=self.next_id("disp", "MD", 7), mat_id=o.mat_id,
+                                       client_mrn=mrn, dispensed_at=at(d, plus(t, 5)), quantity=num(mL * supply),
+                                       quantity_unit="mL", days_supply=supply, status="completed",
+                                       performer_id=nurse)
+            d += ONE_DAY
+
+    # -- drug screens ------------------------------------------------------------------------------
+
+    def screens(self, eid, mrn, dx, plan: Plan, track: str, admitted: date, until: date, orders: list[Order]):
+        """An intake screen on admission, then one random screen a week while in care."""
+        rng = self.rng
+        mat = list(dict.fromkeys(a for o in orders for a in MAT_ANALYTES.get(o.drug, ())))
+        alcohol = any(d.startswith("F10") for d in dx)
+        week0 = monday_on_or_after(max(admitted, self.start) - timedelta(days=6))
+        for week in range((until - week0).days // 7 + 1):
+            monday = week0 + timedelta(weeks=week)
+            days = [monday + timedelta(days=k) for k in range(6)]
+            days = [d for d in days if max(admitted, self.start) <= d <= until and plan.active_on(d)]
+            if not days:
+                continue
+            d = admitted if admitted in days else rng.choice(days)
+            if d == admitted:
+                t = time(10, rng.randrange(0, 60, 5))  # at intake
+            elif track == "morning":
+                t = time(12, rng.randrange(5, 50, 5))  # called in after group
+            else:
+                t = time(17, rng.randrange(10, 55, 5))  # called in before group
+            self.screen(eid, mrn, d, t, mat, alcohol, orders)
+
+    def screen(self, eid, mrn, d: date, t: time, mat: list, alcohol: bool, orders: list[Order]):
+        rng = self.rng
+        oral = self.oral.draw() == "oral-fluid"
+        if oral:
+            specimen, method, panel = "oral-fluid", "point-of-care", "oral-fluid-screen"
+            analytes = [a for a in ORAL_FLUID if a in SCREEN or a in mat]
+        else:
+            specimen = "urine"
+            lab = d < self.last_day - ONE_DAY and rng.random() < 0.35  # results come back in a day or two
+            method = "lab-immunoassay" if lab else "point-of-care"
+            panel = "uds-5" if lab and not mat and rng.random() < 0.4 else "uds-screen"
+            analytes = list(UDS5) if panel == "uds-5" else list(SCREEN) + mat
+            if lab and alcohol and panel == "uds-screen":
+                analytes.append("etg")
+        on = {a for o in orders if o.covers(d) for a in MAT_ANALYTES.get(o.drug, ())}
+        absent = bool(on & set(analytes)) and self.missing.draw() == "absent"
+        used = set()
+        if self.positive.draw() == "positive":
+            drug = self.drug.draw()
+            used.add(drug if drug in analytes else "cocaine")
+        if "buprenorphine" in mat and not on and rng.random() < 0.3:
+            used |= {"buprenorphine", "norbuprenorphine"}  # before induction: street buprenorphine
+        cutoffs = CUTOFFS["oral-fluid" if oral else method]
+        results = [dict(analyte=a, result="detected" if (a in on and not absent) or a in used else "not-detected",
+                        cutoff=cutoffs.get(a), measured=None, flag=None) for a in analytes]
+        collected = at(d, t)
+        if method == "point-of-care":
+            resulted, lab_name, accession = at(d, plus(t, rng.randint(5, 15))), None, None
+        else:
+            resulted = at(d + ONE_DAY, time(rng.randint(7, 13), rng.randrange(0, 60, 5)))
+            lab_name, accession = LAB, self.accession(d)
+        observed = oral or rng.random() < 0.3
+        sid = self.next_id("screen", "DS")
+        self.out.write("drug_screens", screen_id=sid, client_mrn=mrn, enrollment_id=eid, specimen=specimen,
+                       collected_at=collected, observed=observed, method=method, panel=panel, results=results,
+                       status="final", resulted_at=resulted, performing_lab=lab_name, accession_number=accession)
+        if "fentanyl" in used and not oral and d + timedelta(days=3) <= self.last_day:  # sent for confirmation
+            fent, norfent = round(rng.uniform(2, 40), 1), round(rng.uniform(10, 150), 1)
+            self.out.write("drug_screens", screen_id=self.next_id("screen", "DS"), client_mrn=mrn, enrollment_id=eid,
+                           specimen=specimen, collected_at=collected, observed=observed, method="confirmation",
+                           panel="fentanyl",
+                           results=[dict(analyte="fentanyl", result="detected", cutoff=0.5, measured=fent, flag=None),
+                                    dict(analyte="norfentanyl", result="detected", cutoff=1, measured=norfent,
+                                         flag=None)],
+                           status="final", resulted_at=at(d + timedelta(days=3), time(11, 40)),
+                           performing_lab=LAB, accession_number=self.accession(d))
+
+    def accession(self, d: date) -> str:
+        return f"GS{d:%y%m%d}-{self.next_id('acc', '', 5)}"
+
+    # -- care plans ----------------------------------------------------------------------------------
+
+    def care_plans(self, eid, mrn, program, c, dx, primary, plan: Plan, family_contact, team, mat_kind):
+        """A treatment plan for everyone; for the SUD program a relapse-prevention plan once written,
+        and an aftercare plan for clients who completed treatment."""
+        rng = self.rng
+        admitted, discharged, reason = c["admitted"], c["discharged"], c["reason"]
+        until = discharged or self.last_day
+        sud = program == "SUD-IOP"
+        if discharged is None:
+            status, goal_status = "active", "on-hold" if _current(plan.statuses, until) == "on-hold" else "active"
+        elif reason in ("left-against-advice", "non-attendance"):
+            status, goal_status = "revoked", "cancelled"
+        else:
+            status = "completed"
+            goal_status = "completed" if reason in ("treatment-completed", "stepped-down") else "cancelled"
+        created = weekday_on_or_after(admitted + timedelta(days=rng.randint(0, 3)))
+        created = created if created <= until else admitted
+        level = _current(plan.levels, created)
+        interventions = [("group-therapy", 6 if level == "IOP-6" else 3, 1, "wk"),
+                         ("individual-counseling", 1, 1, "wk")]
+        if family_contact:
+            interventions.append(("family-counseling", 1, 2, "wk"))
+        if sud:
+            interventions.append(("drug-screen", 1, 1, "wk"))
+        if mat_kind:
+            interventions.append(("mat", 1, 1, MAT[mat_kind][3]))
+        if sud and len(team) > 2:
+            interventions.append(("peer-support" if team[2] in self.peers else "case-management", 1, 1, "wk"))
+        if not sud:
+            interventions.append(("psychiatric-follow-up", 1, 1, "mo"))
+        first = GOALS.get(dx[0][:3]) or GOALS["F19"]
+        goals = [first]
+        if mat_kind:
+            goals.append(GOALS["daily" if MAT[mat_kind][3] == "d" else "monthly"])
+        pool = SUD_GOALS if sud else PSY_GOALS
+        goals += rng.sample(pool, rng.randint(2, 3) - len(goals)) if len(goals) < 3 else []
+        reviews, r = [], created + timedelta(days=30)
+        while (r := weekday_on_or_after(r + timedelta(days=rng.randint(-2, 2)))) <= until:
+            reviews.append(r)
+            r += timedelta(days=30)
+        self.plan(eid, mrn, "treatment", "Individualized treatment plan", status, created, created, discharged,
+                  primary, dx, goals, goal_status, interventions, reviews)
+        if not sud:
+            return
+        written = weekday_on_or_after(admitted + timedelta(days=rng.randint(12, 21)))
+        if written <= until:  # worked out in individual sessions in the first weeks
+            ends = discharged if discharged and reason not in ("treatment-completed", "stepped-down") else None
+            self.plan(eid, mrn, "relapse-prevention", "Relapse-prevention plan",
+                      "completed" if ends else "active", written, written, ends, primary, dx, [], None,
+                      [("mutual-help", 3, 1, "wk")], [],
+                      triggers=rng.sample(TRIGGERS, 3), warning_signs=rng.sample(WARNING_SIGNS, 3),
+                      coping_strategies=rng.sample(COPING, rng.randint(3, 4)),
+                      support_contacts=[f"{who} {rng.choice(CONTACTS[who])} 732-555-01{rng.randrange(100):02d}"
+                                        for who in rng.sample(list(CONTACTS), 2)]
+                      + ["Harbor Light front desk 732-555-0100"])
+        if reason == "treatment-completed":
+            written = max(admitted, weekday_on_or_after(discharged - timedelta(days=rng.randint(4, 7))))
+            steps = [rng.choice(OUTPATIENT), rng.choice(MUTUAL_HELP)]
+            steps += ["Sober living at Oak House"] if rng.random() < 0.35 else []
+            steps += rng.sample(AFTERCARE_MORE, rng.randint(0, 2))
+            if mat_kind:
+                steps.insert(0, MAT_AFTERCARE[mat_kind])
+            aftercare = [("outpatient-therapy", 1, 1, "wk"), ("mutual-help", 3, 1, "wk")]
+            if mat_kind:
+                aftercare.append(("mat", 1, 1, MAT[mat_kind][3]))
+            self.plan(eid, mrn, "aftercare", "Aftercare plan", "active", written, discharged, None, primary, dx,
+                      [("Stay connected to recovery after the program",
+                        "weekly outpatient therapy and three meetings a week for 90 days")], "active",
+                      aftercare, [], aftercare_steps=steps, due=discharged + timedelta(days=90))
+
+    def plan(self, eid, mrn, kind, title, status, created, start, end, author, problems, goals, goal_status,
+             interventions, reviews, due=None, **lists):
+        pid = self.next_id("plan", "CP")
+        goal_ids = [f"{pid}-G{k}" for k in range(1, len(goals) + 1)]
+        signed = min(created + timedelta(days=self.rng.choice((0, 0, 0, 1))), end or self.last_day, self.last_day)
+        self.out.write("care_plans", plan_id=pid, client_mrn=mrn, enrollment_id=eid, kind=kind, title=title,
+                       status=status, created_on=created, start=start, end=end, author_id=author,
+                       problems=list(problems), goal_ids=goal_ids,
+                       interventions=[dict(activity=a, count=n, period=p, unit=u) for a, n, p, u in interventions],
+                       reviews=[dict(reviewed_on=r, reviewer_id=author) for r in reviews],
+                       signatures=[dict(signer="client", signed_on=signed),
+                                   dict(signer="counselor", signed_on=created)],
+                       **lists)
+        for gid, (description, target) in zip(goal_ids, goals):
+            self.out.write("care_plan_goals", goal_id=gid, plan_id=pid, client_mrn=mrn, description=description,
+                           target=target, start=start,
+                           due=due or start + timedelta(weeks=self.rng.choice((4, 6, 8, 12))), status=goal_status)
+
+    # -- consents -----------------------------------------------------------------------------------
+
+    def consents(self, mrn, program, admitted, until, payer):
+        """Part 2 consents signed at intake: to the client's primary care EHR (most clients) and to the
+        payer (clients with coverage); valid a year unless revoked."""
+        rng = self.rng
+        if self.ehr.draw() == "consent":
+            self.ehr_consents += 1
+            if self.ehr_consents % 40 == 3:
+                self.revoke_pending = True
+            rid, name, recipient_npi = rng.choice(EHR_RECIPIENTS)
+            signed = admitted
+            revoked = None
+            if self.revoke_pending and (until - signed).days >= 14:
+                revoked = weekday_on_or_after(signed + timedelta(days=rng.randint(7, (until - signed).days)))
+                revoked = revoked if revoked <= until else None
+                self.revoke_pending = revoked is None
+            self.consent(mrn, program, rid, name, "ehr", recipient_npi, ["TREAT", "COC"],
+                         ["enrollment", "encounters", "drug-screens", "medications", "care-plans"], signed, revoked)
+        if payer:
+            self.consent(mrn, program, payer[0], payer[1], "payer", None, ["HPAYMT"],
+                         ["demographics", "enrollment", "encounters", "coverage"], admitted, None)
+
+    def consent(self, mrn, program, rid, name, kind, recipient_npi, purposes, classes, signed, revoked):
+        self.out.write("consents", consent_id=self.next_id("consent", "CNS"), client_mrn=mrn, program_id=program,
+                       recipient_id=rid, recipient_name=name, recipient_kind=kind, recipient_npi=recipient_npi,
+                       purposes=purposes, data_classes=classes, signed_on=signed, start=signed,
+                       end=signed + timedelta(days=365), revoked_on=revoked)
+
+
 def write_client(rng: random.Random, mrn: str, start: date, out: Files) -> tuple[date, bool]:
     """One client; returns the birth date and whether they have a family contact."""
     g = rng.random()
@@ -508,9 +997,11 @@ def write_client(rng: random.Random, mrn: str, start: date, out: Files) -> tuple
     return birth, contact
 
 
-def write_coverage(rng, i: int, mrn: str, birth: date, referred: date, admitted: date | None, out: Files):
+def write_coverage(rng, i: int, mrn: str, birth: date, referred: date, admitted: date | None,
+                   out: Files) -> tuple[str, str]:
     """Medicaid (enrolled some time last year) or a commercial plan (plan year from January 1, on
-    a parent's plan up to age 26); prior authorization from admission for 30, 45 or 60 days."""
+    a parent's plan up to age 26); prior authorization from admission for 30, 45 or 60 days.
+    Returns the payer's id and name."""
     payer_id, payer_name, _, member = rng.choices(PAYERS, weights=[p[2] for p in PAYERS])[0]
     if payer_id == "NJMCD":
         relationship, cov_start = "self", date(referred.year - 1, rng.randint(1, 12), 1)
@@ -524,6 +1015,7 @@ def write_coverage(rng, i: int, mrn: str, birth: date, referred: date, admitted:
     out.write("coverages", coverage_id=f"COV{i + 1:06d}", client_mrn=mrn, payer_id=payer_id,
               payer_name=payer_name, member_id=member(rng), status="active",
               subscriber_relationship=relationship, start=cov_start, **pa)
+    return payer_id, payer_name
 
 
 def write_groups(rng, start: date, weeks: int, rosters: dict, leads: dict, support: dict, out: Files):

@@ -16,21 +16,29 @@ from fhir_iop.fhir import r4
 from fhir_iop.fhir.io import BundleWriter, NdjsonWriter
 from fhir_iop.mapping.common import MappingContext
 from fhir_iop.records.io import CsvRecordWriter, read_records
-from fhir_iop.records.model import (Attendance, Client, CounselingSession, Counselor, Coverage,
-                                    Enrollment, GroupSession, LevelChange, Program, StatusChange,
-                                    default_context)
+from fhir_iop.interpret import interpret
+from fhir_iop.records.model import (RECORD_TYPES, Attendance, Client, CounselingSession, Counselor, Coverage,
+                                    DrugScreen, Enrollment, GroupSession, LevelChange, MatMedication, Program,
+                                    StatusChange, default_context)
 from fhir_iop.terminology import load_terminology
 
 CLINIC = Path(__file__).resolve().parents[1] / "examples" / "clinic"
 
 
-def read_all(directory: Path) -> dict[type, list]:
+def read_all(directory: Path, interpreted: bool = False) -> dict[type, list]:
+    """Records of a directory; with ``interpreted``, drug screens carry the MAT-aware flags that
+    fhir-iop fills in on the way to FHIR (the form they come back in)."""
     ctx = default_context()
     out = defaultdict(list)
     for f in pipeline.record_files([directory]):
         for item in read_records(f, ctx):
             assert not hasattr(item, "message"), str(item)
             out[type(item[1])].append(item[1])
+    if interpreted:
+        orders = defaultdict(list)
+        for o in out[MatMedication]:
+            orders[o.client_mrn].append(o)
+        out[DrugScreen] = [interpret(s, orders[s.client_mrn], ctx["terminology"], ctx["tz"]) for s in out[DrugScreen]]
     return out
 
 
@@ -58,9 +66,8 @@ def resources_of(directory: Path) -> list[dict]:
 
 
 def test_example_clinic_round_trip_json(tmp_path):
-    original = read_all(CLINIC)
-    assert set(original) == {Program, Counselor, Client, Coverage, Enrollment, GroupSession, Attendance,
-                             CounselingSession}, "the example clinic has every record type"
+    original = read_all(CLINIC, interpreted=True)
+    assert set(original) == set(RECORD_TYPES), "the example clinic has every record type"
     bundle = tmp_path / "clinic.json"
     write_bundle(resources_of(CLINIC), bundle)
     back = by_type(pipeline.from_fhir([bundle]))
@@ -69,7 +76,7 @@ def test_example_clinic_round_trip_json(tmp_path):
 
 
 def test_example_clinic_round_trip_xml_and_ndjson(tmp_path):
-    original = read_all(CLINIC)
+    original = read_all(CLINIC, interpreted=True)
     resources = resources_of(CLINIC)
     write_bundle(resources, tmp_path / "clinic.xml", "xml")
     nd = NdjsonWriter(tmp_path / "nd")
@@ -112,7 +119,9 @@ def test_every_emitted_resource_is_valid_r4_and_profiled():
 
 
 def test_part2_labels_on_every_resource_about_a_client():
-    labelled = {"Patient", "Coverage", "EpisodeOfCare", "Condition", "CareTeam"}
+    labelled = {"Patient", "Coverage", "EpisodeOfCare", "Condition", "CareTeam", "DiagnosticReport", "Observation",
+                "Specimen", "MedicationRequest", "MedicationAdministration", "MedicationDispense", "CarePlan",
+                "Goal", "Consent"}
     for res in resources_of(CLINIC):
         codes = {(s["system"].rsplit("/", 1)[-1], s["code"]) for s in res["meta"].get("security", ())}
         about_client = res["resourceType"] in labelled or (res["resourceType"] == "Encounter" and "subject" in res)
@@ -238,3 +247,15 @@ def test_generated_records_round_trip(tmp_path_factory, clinic):
     back = by_type(pipeline.from_fhir([path]))
     for model, recs in clinic.items():
         assert back[model] == recs, model.__name__
+
+
+def test_example_clinic_screens_are_read_against_mat():
+    """The clinic's screens, read against its MAT orders, show all three findings."""
+    from collections import Counter
+    flags = Counter(r.flag for s in read_all(CLINIC, interpreted=True)[DrugScreen] for r in s.results)
+    assert flags["expected"] > 10
+    assert flags["unexpected"] >= 3
+    assert flags["expected-not-detected"] >= 1
+    encounters = [r for r in resources_of(CLINIC) if r["resourceType"] == "Observation"
+                  and any(c["code"] == "A" for cc in r.get("interpretation", ()) for c in cc["coding"])]
+    assert all(r.get("note") for r in encounters), "every abnormal MAT reading carries its note"
