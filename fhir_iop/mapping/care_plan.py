@@ -27,7 +27,7 @@ from html import escape
 
 from fhir_iop.errors import Problem
 from fhir_iop.mapping.common import (ICD10CM, FhirIndex, MappingContext, Unmappable, cited, codings,
-                                     date_part, ext_url)
+                                     date_part, ext_url, ext_value)
 from fhir_iop.mapping.enrollment import condition_id
 from fhir_iop.records.model import CarePlan, CarePlanGoal
 from fhir_iop.terminology import cs_url
@@ -38,6 +38,7 @@ AFTERCARE_EXT = ext_url("aftercare")
 REVIEW_EXT = ext_url("care-plan-review")
 SIGNATURE_EXT = ext_url("care-plan-signature")
 GOAL_PLAN_EXT = ext_url("goal-care-plan")
+GOAL_TARGET_EXT = ext_url("goal-target")
 XHTML = "http://www.w3.org/1999/xhtml"
 _ASSESS_PLAN = cited("careplan-assess-plan")
 _BEHAVIORAL = cited("goal-behavioral")
@@ -157,9 +158,12 @@ def goal_to_fhir(g: CarePlanGoal, ctx: MappingContext, problems: list[Problem]) 
            "description": {"text": g.description}, "subject": ctx.client_ref(g.client_mrn)}
     if g.start:
         res["startDate"] = g.start.isoformat()
-    if g.target or g.due:
-        res["target"] = [({"detailString": g.target} if g.target else {})
-                         | ({"dueDate": g.due.isoformat()} if g.due else {})]
+    if g.target:
+        # Goal.target.detail needs a coded target.measure (R4 invariant gol-1), and an IOP goal's
+        # target is free text, so the text travels in the goal-target extension.
+        res["extension"].append({"url": GOAL_TARGET_EXT, "valueString": g.target})
+    if g.due:
+        res["target"] = [{"dueDate": g.due.isoformat()}]
     return [res]
 
 
@@ -318,7 +322,8 @@ def goal_from_fhir(res: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
         raise Unmappable(f"{len(targets)} targets: an IOP goal has one target and due date", "Goal.target")
     target = targets[0] if targets else {}
     return {"goal_id": goal_id, "plan_id": plan_id, "client_mrn": mrn, "description": text,
-            "target": target.get("detailString") or _detail_text(target), "start": res.get("startDate"),
+            "target": ext_value(res, GOAL_TARGET_EXT) or target.get("detailString") or _detail_text(target),
+            "start": res.get("startDate"),
             "due": target.get("dueDate"), "status": status}
 
 

@@ -13,7 +13,7 @@ without a UTC offset). Both default to the shipped tables and the site time zone
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timezone
 from typing import Annotated, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
@@ -79,11 +79,15 @@ def _npi(value: str) -> str:
 
 
 def _aware(value: datetime, info: ValidationInfo) -> datetime:
+    """An aware datetime with a fixed UTC offset (as FHIR writes it), so equal instants compare equal
+    even in the repeated hour of a daylight-saving change."""
     if value.tzinfo is None:
         tz = (info.context or {}).get("tz")
         if tz is None:
             raise ValueError("datetime needs a UTC offset (or a site time zone)")
         value = value.replace(tzinfo=tz)
+    if not isinstance(value.tzinfo, timezone):
+        value = value.replace(tzinfo=timezone(value.utcoffset()))
     return value
 
 
