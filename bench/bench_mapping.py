@@ -1,6 +1,6 @@
 """Mapping benchmark: fhir-iop's path against the naive fhir.resources path, in one run.
 
-    python bench/bench_mapping.py [--clients 33000 --weeks 12] [--data DIR] [--reverse]
+    python bench/bench_mapping.py [--clients 15000 --weeks 12] [--data DIR] [--reverse]
 
 Generates a scaled example clinic (CSV) unless --data is given, then maps it to a FHIR
 transaction Bundle on disk three ways, each in a fresh subprocess so peak memory is its own:
@@ -88,7 +88,7 @@ def child(mode: str, data: Path, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=33000)
+    ap.add_argument("--clients", type=int, default=15000)
     ap.add_argument("--weeks", type=int, default=12)
     ap.add_argument("--data", type=Path, help="existing IOP record directory (skips generation)")
     ap.add_argument("--reverse", action="store_true", help="also time FHIR → IOP records")
