@@ -209,6 +209,200 @@ def demo(out: Path):
     click.echo(f"IOP records read back: {back}", err=True)
     sys.exit(max(code, code2))
 
+# -- the store and the FHIR server ----------------------------------------------------------------
+
+_database_opt = click.option("--database", "database", envvar="FHIR_IOP_DATABASE_URL", show_envvar=True,
+                             default="sqlite:///var/fhir-iop.sqlite", show_default=True,
+                             help="SQLAlchemy URL of the store: sqlite:///FILE or postgresql+psycopg://USER@HOST/DB.")
+
+
+def _store(database: str, migrate: bool = True):
+    from fhir_iop.store import Store
+    return Store(database, migrate=migrate)
+
+
+def _safe_url(database: str) -> str:
+    from sqlalchemy.engine import make_url
+    return make_url(database).render_as_string(hide_password=True)
+
+
+@main.group("db")
+def db_group():
+    """The FHIR store's database."""
+
+
+@db_group.command("upgrade")
+@_database_opt
+@_guard
+def db_upgrade(database):
+    """Apply the schema migrations (the server also does this when it starts)."""
+    from fhir_iop.store.engine import current_revision, make_engine, upgrade
+    engine = make_engine(database)
+    try:
+        before = current_revision(engine)
+        upgrade(engine)
+        after = current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"{_safe_url(database)}: schema {before or 'empty'} -> {after}", err=True)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@_database_opt
+@click.option("--batch-size", default=1000, show_default=True, help="Resources per store transaction.")
+@_mappings_opt
+@_problems_opt
+@_quiet_opt
+@_guard
+def load(inputs, database, batch_size, mappings, problems, quiet):
+    """IOP record files or directories → FHIR → the store (PUT by id: loading twice changes nothing)."""
+    sys.exit(run_load(inputs, database, batch_size, mappings, problems, quiet))
+
+
+def run_load(inputs, database, batch_size=1000, mappings=None, problems=None, quiet=False) -> int:
+    from fhir_iop.store.iop import load as load_records
+    started = time.perf_counter()
+    report = _Report(problems, quiet)
+    store = _store(database)
+    try:
+        result = load_records(store, list(inputs), _context(mappings), report.add, batch_size)
+    finally:
+        store.dispose()
+    changes = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items())) or "no changes"
+    click.echo(f"store {_safe_url(database)}: {changes}", err=True)
+    return report.finish(result.types, "resources", started)
+
+
+@main.command()
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the IOP record files.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), default="csv", show_default=True)
+@_database_opt
+@_mappings_opt
+@_problems_opt
+@_quiet_opt
+@_guard
+def export(out, fmt, database, mappings, problems, quiet):
+    """The store's FHIR resources → IOP record files (what an EHR wrote included)."""
+    import tempfile
+
+    from fhir_iop.store.iop import dump_ndjson
+    store = _store(database)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fhir-iop-export-") as tmp:
+            files = dump_ndjson(store, Path(tmp))
+            if not files:
+                click.echo(f"store {_safe_url(database)} holds no resources; nothing to export", err=True)
+                sys.exit(EXIT_OK)
+            code = run_from_fhir(files, out, fmt, mappings, problems or out / "outcome.json", quiet)
+    finally:
+        store.dispose()
+    sys.exit(code)
+
+
+def _first_patient(app):
+    from fhir_iop.store import search
+    return search.parse(app.extensions["fhir_iop"].store.registry, "Patient", [("_count", "1")])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@_database_opt
+@click.option("--demo", is_flag=True, help="Load the example clinic into the store first.")
+@_guard
+def serve(host, port, database, demo):
+    """The FHIR R4 server (development server; production: gunicorn 'server:create_app()')."""
+    from server import create_app
+    if demo:
+        from fhir_iop.terminology import PROJECT_ROOT
+        clinic = PROJECT_ROOT / "examples" / "clinic"
+        click.echo(f"loading the example clinic ({clinic}) into {_safe_url(database)} …", err=True)
+        code = run_load([clinic], database, quiet=True)
+        if code == EXIT_ERROR:
+            sys.exit(code)
+    app = create_app({"DATABASE_URL": database})
+    base = f"http://{host}:{port}"
+    with app.extensions["fhir_iop"].store.reading() as tx:
+        patients = tx.search(_first_patient(app)).matches
+    pid = patients[0][1] if patients else "<id>"
+    click.echo(f"FHIR R4 server at {base}/ (store {_safe_url(database)}); for example:\n"
+               f"  curl {base}/metadata\n"
+               f"  curl '{base}/Patient?_count=5'\n"
+               f"  curl '{base}/Encounter?patient=Patient/{pid}&date=ge2024-01-01&_sort=-date'\n"
+               f"  curl -H 'Accept: application/fhir+xml' '{base}/EpisodeOfCare?_include=EpisodeOfCare:patient'\n"
+               "Ctrl-C stops it.", err=True)
+    app.run(host=host, port=port, threaded=True, use_reloader=False)
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+@main.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--profile", "profiles", multiple=True, metavar="URL",
+              help="Also validate against this profile (canonical URL); repeatable. meta.profile is always used.")
+@click.option("--outcome", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the OperationOutcome of all files here.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print information issues (not-checked bindings, must-support).")
+@_mappings_opt
+@_guard
+def validate_cmd(files, profiles, outcome, verbose, mappings):
+    """FHIR R4 resources (JSON, NDJSON or XML; a Bundle entry by entry) against R4 and the profiles fhir-iop knows.
+
+    Prints `file: severity location: message` per issue. Exit code 0 = no errors, 1 = errors,
+    2 = a file could not be read or a profile is not known.
+    """
+    sys.exit(run_validate(files, profiles, outcome, verbose, mappings))
+
+
+def run_validate(files, profiles=(), outcome=None, verbose=False, mappings=None) -> int:
+    from fhir_iop.validation import Validator, operation_outcome
+    from fhir_iop.validation.definitions import load_definitions
+    from fhir_iop.validation.files import read_resources
+    validator = Validator(load_definitions(mappings))
+    issues, where, code, counts = [], [], EXIT_OK, Counter()
+    for path in files:
+        try:
+            items = read_resources(path, validator.defs)
+        except FhirIopError as e:
+            click.echo(f"fhir-iop: {e}", err=True)
+            code = EXIT_ERROR
+            continue
+        for label, resource, found in items:
+            found = found + validator.validate(resource, list(profiles))
+            for i in found:
+                counts[i.severity] += 1
+                if verbose or i.severity != "information":
+                    click.echo(f"{label}: {i.severity} {i.expression}: {i.message}")
+            issues += found
+            where += [label] * len(found)
+            if code == EXIT_OK and any(i.severity in ("error", "fatal") for i in found):
+                code = EXIT_REJECTED
+    if outcome:
+        oo = operation_outcome(issues)
+        for issue, label in zip(oo["issue"], where):
+            issue["diagnostics"] = f"{label}: {issue['diagnostics']}"
+        outcome.parent.mkdir(parents=True, exist_ok=True)
+        outcome.write_bytes(orjson.dumps(oo, option=orjson.OPT_INDENT_2))
+    click.echo(f"{len(files)} file(s): {counts['fatal'] + counts['error']} error(s), {counts['warning']} warning(s), "
+               f"{counts['information']} information" + (f"; OperationOutcome in {outcome}" if outcome else ""),
+               err=True)
+    return code
+
+
+@main.command("agreement")
+@click.option("--fixtures", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The HL7 validator test cases [default: ../shared/fixtures/fhir-test-cases-validator-r4].")
+@click.option("--quiet", "-q", is_flag=True, help="Only the figures, not the disagreements.")
+@_guard
+def agreement_cmd(fixtures, quiet):
+    """Agreement with the HL7 Java validator on its R4 test cases (verdict and error locations)."""
+    from fhir_iop.validation.agreement import run_agreement
+    for line in run_agreement(fixtures).lines(verbose=not quiet):
+        click.echo(line)
+
+
 
 if __name__ == "__main__":
     main()
