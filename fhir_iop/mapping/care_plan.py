@@ -26,7 +26,7 @@ from __future__ import annotations
 from html import escape
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import (ICD10CM, FhirIndex, MappingContext, Unmappable, cited, codings,
+from fhir_iop.mapping.common import (client_of, ICD10CM, FhirIndex, MappingContext, Unmappable, cited, codings,
                                      date_part, ext_url, ext_value)
 from fhir_iop.mapping.enrollment import condition_id
 from fhir_iop.records.model import CarePlan, CarePlanGoal
@@ -197,9 +197,7 @@ def from_fhir(res: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     kind = _kind(categories, ctx)
     if kind is None:
         raise _no_kind("this CarePlan", categories)
-    mrn = ix.resolve(res.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", "CarePlan.subject")
+    mrn = client_of(res, "subject", ix, ctx)
     episodes = [r for r in res.get("supportingInfo", ())
                 if (r.get("identifier") or {}).get("system") == ctx.systems.enrollment
                 or (FhirIndex.ref_key(r) or "").startswith("EpisodeOfCare/")]
@@ -306,9 +304,7 @@ def goal_from_fhir(res: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
         plan_id, label, cats = next(iter(plans.values()))
         if _kind(cats, ctx) is None:
             raise _no_kind(f"the Goal's plan {label}", cats, "Goal")
-    mrn = ix.resolve(res.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", "Goal.subject")
+    mrn = client_of(res, "subject", ix, ctx)
     status = res.get("lifecycleStatus")
     if status not in _GOAL_STATUSES:
         raise Unmappable(f"lifecycleStatus {status!r} has no IOP goal status ({', '.join(_GOAL_STATUSES)})",

@@ -264,3 +264,12 @@ class FhirIndex:
             return None
         r = ref["reference"]
         return r if r.startswith("urn:") else "/".join(r.rstrip("/").split("/")[-2:])
+
+
+def client_of(res: dict, element: str, ix: FhirIndex, ctx: MappingContext) -> str:
+    """The MRN of the Patient that ``res[element]`` points to, or Unmappable naming the element."""
+    mrn = ix.resolve(res.get(element), ctx.systems.mrn)
+    if mrn is None:
+        raise Unmappable(f"{element} does not resolve to a Patient in this input",
+                         f"{res.get('resourceType')}.{element}")
+    return mrn

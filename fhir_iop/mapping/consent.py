@@ -30,7 +30,7 @@ from __future__ import annotations
 from datetime import date
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import (NPI, PART2_LABELS, FhirIndex, MappingContext, Unmappable, cited,
+from fhir_iop.mapping.common import (client_of, NPI, PART2_LABELS, FhirIndex, MappingContext, Unmappable, cited,
                                      date_part, ext_code, ext_url, ext_value)
 from fhir_iop.records.model import Consent
 from fhir_iop.terminology import cs_url
@@ -223,9 +223,7 @@ def from_fhir(res: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     signed_on = date_part(res.get("dateTime"))
     if signed_on is None:
         raise Unmappable("no dateTime: when the client signed is unknown", "Consent.dateTime")
-    mrn = ix.resolve(res.get("patient"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("patient does not resolve to a Patient in this input", "Consent.patient")
+    mrn = client_of(res, "patient", ix, ctx)
     orgs = res.get("organization") or [None]
     program_id = ix.resolve(orgs[0], ctx.systems.program)
     if program_id is None:

@@ -7,7 +7,7 @@ the ``counseling-kind-to-encounter-type`` ConceptMap.
 from __future__ import annotations
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import CPT, FhirIndex, MappingContext, Unmappable, codings, ext_code
+from fhir_iop.mapping.common import client_of, CPT, FhirIndex, MappingContext, Unmappable, codings, ext_code
 from fhir_iop.mapping.group_session import ENCOUNTER_STATUS, _modality, encounter_class, minutes_length
 from fhir_iop.records.model import CounselingSession
 
@@ -63,9 +63,7 @@ def from_fhir(enc: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     kind = kind_of(enc, ctx)
     if kind is None:
         raise Unmappable("type is not individual or family psychotherapy", "Encounter.type")
-    mrn = ix.resolve(enc.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", "Encounter.subject")
+    mrn = client_of(enc, "subject", ix, ctx)
     episodes = enc.get("episodeOfCare") or []
     enrollment_id = ix.resolve(episodes[0], ctx.systems.enrollment) if episodes else None
     if enrollment_id is None:

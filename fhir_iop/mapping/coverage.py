@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fhir_iop.mapping.common import (FhirIndex, MappingContext, Unmappable, cited, codings, date_part,
+from fhir_iop.mapping.common import (client_of, FhirIndex, MappingContext, Unmappable, cited, codings, date_part,
                                      ext_url)
 from fhir_iop.records.model import Coverage
 
@@ -37,9 +37,7 @@ def to_fhir(c: Coverage, ctx: MappingContext, problems) -> list[dict]:
 
 
 def from_fhir(cov: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
-    mrn = ix.resolve(cov.get("beneficiary"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("beneficiary does not resolve to a Patient in this input", "Coverage.beneficiary")
+    mrn = client_of(cov, "beneficiary", ix, ctx)
     payor = (cov.get("payor") or [None])[0]
     payer_id = ix.resolve(payor, ctx.systems.payer)
     if payer_id is None:

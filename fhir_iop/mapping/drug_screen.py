@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 from fhir_iop.errors import Problem
 from fhir_iop.interpret import expected_analytes, explanation, interpret
-from fhir_iop.mapping.common import (UCUM, FhirIndex, MappingContext, Unmappable, cited, codings, ext_code,
+from fhir_iop.mapping.common import (client_of, UCUM, FhirIndex, MappingContext, Unmappable, cited, codings, ext_code,
                                      ext_url, ext_value)
 from fhir_iop.records.model import AnalyteResult, DrugScreen
 from fhir_iop.terminology import cs_url
@@ -241,9 +241,7 @@ def from_fhir(dr: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     if not results:
         raise Unmappable("none of its results is a drug analyte (a drug-analyte coding, or a LOINC code "
                          f"through {ANALYTE_MAP})", "DiagnosticReport.result")
-    mrn = ix.resolve(dr.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", "DiagnosticReport.subject")
+    mrn = client_of(dr, "subject", ix, ctx)
     spec_key, spec = facts((dr.get("specimen") or [None])[0])
     spec = spec if isinstance(spec, SpecimenFacts) else None
     loincs = [(a, c) for _, f, a in results for s, c in f.codes if s == LOINC]

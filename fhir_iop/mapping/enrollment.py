@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import (ICD10CM, FhirIndex, MappingContext, Unmappable, cited, codings,
+from fhir_iop.mapping.common import (client_of, ICD10CM, FhirIndex, MappingContext, Unmappable, cited, codings,
                                      date_part, ext_code, ext_url)
 from fhir_iop.records.model import Enrollment
 from fhir_iop.terminology import cs_url
@@ -131,9 +131,7 @@ def to_fhir(e: Enrollment, ctx: MappingContext, problems: list[Problem]) -> list
 
 def from_fhir(eoc: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     t = ctx.terminology
-    mrn = ix.resolve(eoc.get("patient"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("patient does not resolve to a Patient in this input", "EpisodeOfCare.patient")
+    mrn = client_of(eoc, "patient", ix, ctx)
     org = eoc.get("managingOrganization")
     program_id = ix.resolve(org, ctx.systems.program)
     if program_id is None:

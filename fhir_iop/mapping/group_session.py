@@ -9,7 +9,7 @@ typed CPT 90853 (and HCPCS H0005 in substance-use programs) through the
 from __future__ import annotations
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import (CPT, HCPCS, UCUM, FhirIndex, MappingContext, SessionInfo,
+from fhir_iop.mapping.common import (client_of, CPT, HCPCS, UCUM, FhirIndex, MappingContext, SessionInfo,
                                      Unmappable, codings, ext_code)
 from fhir_iop.records.model import Attendance, GroupSession
 
@@ -128,9 +128,7 @@ def attendance_from_fhir(enc: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
     session_id = ix.resolve(enc.get("partOf"), ctx.systems.group_session)
     if session_id is None:
         raise Unmappable("partOf does not resolve to a group session Encounter", "Encounter.partOf")
-    mrn = ix.resolve(enc.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", "Encounter.subject")
+    mrn = client_of(enc, "subject", ix, ctx)
     episodes = enc.get("episodeOfCare") or []
     enrollment_id = ix.resolve(episodes[0], ctx.systems.enrollment) if episodes else None
     if enrollment_id is None:

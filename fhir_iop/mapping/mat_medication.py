@@ -14,7 +14,7 @@ this run's orders) and point back to it through ``request`` / ``authorizingPresc
 from __future__ import annotations
 
 from fhir_iop.errors import Problem
-from fhir_iop.mapping.common import (UCUM, FhirIndex, MappingContext, Unmappable, codings, date_part,
+from fhir_iop.mapping.common import (client_of, UCUM, FhirIndex, MappingContext, Unmappable, codings, date_part,
                                      ext_url, ext_value)
 from fhir_iop.records.model import MatAdministration, MatDispense, MatMedication
 from fhir_iop.terminology import cs_url
@@ -201,9 +201,7 @@ def _drug(res: dict, ctx: MappingContext) -> str:
 
 
 def _client(res: dict, ix: FhirIndex, ctx: MappingContext) -> str:
-    mrn = ix.resolve(res.get("subject"), ctx.systems.mrn)
-    if mrn is None:
-        raise Unmappable("subject does not resolve to a Patient in this input", f"{res['resourceType']}.subject")
+    mrn = client_of(res, "subject", ix, ctx)
     return mrn
 
 
