@@ -403,6 +403,8 @@ def agreement_cmd(fixtures, quiet):
         click.echo(line)
 
 
+from fhir_iop.payer.cli import payer_group  # noqa: E402  (its module needs nothing from this one)
+main.add_command(payer_group)
 
 if __name__ == "__main__":
     main()

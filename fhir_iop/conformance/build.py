@@ -207,7 +207,7 @@ def capability_statement() -> dict:
     for p in specs.PROFILE_SPECS:
         by_type.setdefault(p.type, []).append(p.url)
     for p in specs.PROFILE_SPECS:
-        for url in PROFILES[p.concept][1:]:
+        for url in PROFILES.get(p.concept, [p.url])[1:]:  # iop-claim: stamped by fhir_iop/payer, not the mapping
             if url not in by_type[p.type]:
                 by_type[p.type].append(url)
     return {

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fhir_iop.mapping.common import ICD10CM, PART2_LABELS, PROFILES, cited
+from fhir_iop.mapping.common import HCPCS, ICD10CM, PART2_LABELS, PROFILES, cited
+from fhir_iop.payer.claim import NUBC_REVENUE
 from fhir_iop.mapping.consent import POLICY_URI
 from fhir_iop.terminology import CANONICAL, cs_url
 
@@ -183,7 +184,7 @@ class Profile:
 
     @property
     def parent(self) -> str:
-        stamped = PROFILES[self.concept]
+        stamped = PROFILES.get(self.concept, [self.url])  # iop-claim is stamped by fhir_iop/payer (base R4)
         return stamped[1] if len(stamped) > 1 else f"http://hl7.org/fhir/StructureDefinition/{self.type}"
 
 
@@ -396,6 +397,29 @@ PROFILE_SPECS: tuple[Profile, ...] = (
             *part2_slices("provision.provision.securityLabel", 1),
             E("provision.provision.purpose", min=1, max="1"),
             E("provision.provision.class", min=1, binding=extensible(vs("consent-resource-type")))),
+    profile("iop-claim", "claim", "Claim", "IOP per-diem claim",
+            "A client's IOP days of one billing period for one payer and program (fhir_iop/payer): one item per "
+            "billable day with the HCPCS per-diem code (H0015 substance use, S9480 psychiatric), the NUBC revenue "
+            "code (0906, 0905), the date and the day's attended Encounters; the enrollment's ICD-10-CM diagnoses; "
+            "the Coverage and its prior authorization. A telehealth day carries its session-modality "
+            "(telehealth-video or telehealth-phone) in an extension on the item (no place-of-service code: CMS POS "
+            "02/10 are unconfirmed). US Core has no Claim profile: "
+            "the parent is base R4.",
+            META, part2(), E("status", pattern="active"), E("type", pattern=concept("claim-type-professional")),
+            E("use", pattern="claim"), ref("patient", "iop-client"), E("billablePeriod", min=1),
+            E("billablePeriod.start", min=1), E("billablePeriod.end", min=1), E("created"),
+            ref("provider", "iop-program"), E("priority", pattern=concept("process-priority-normal")),
+            E("diagnosis"), E("diagnosis.diagnosis[x]", types=[{"code": "CodeableConcept"}]),
+            E("insurance", max="1"), E("insurance.focal", pattern=True),
+            ref("insurance.coverage", "iop-coverage"), E("insurance.preAuthRef"),
+            E("item", min=1, short="One item per billable day"), ext("session-modality", on="item"),
+            E("item.diagnosisSequence"), E("item.revenue", min=1),
+            *coding_slice("item.revenue.coding", "nubc", NUBC_REVENUE, min=1, max="1", short="NUBC revenue code"),
+            *coding_slice("item.productOrService.coding", "hcpcs", HCPCS, min=1, max="1",
+                          short="HCPCS per-diem code"),
+            E("item.serviced[x]", min=1, types=[{"code": "date"}]), E("item.quantity", min=1),
+            E("item.quantity.value", min=1, pattern=1),
+            ref("item.encounter", "iop-attendance", "iop-counseling-session", min=1)),
 )
 
 
@@ -436,7 +460,8 @@ CODING_EXTENSIONS = {
     "program-kind": ("Organization",), "counselor-role": ("Practitioner",),
     "referral-source": ("EpisodeOfCare",), "discharge-reason": ("EpisodeOfCare",),
     "enrollment-status": ("EpisodeOfCare.statusHistory",),
-    "session-kind": ("Encounter",), "curriculum-topic": ("Encounter",), "session-modality": ("Encounter",),
+    "session-kind": ("Encounter",), "curriculum-topic": ("Encounter",),
+    "session-modality": ("Encounter", "Claim.item"),
     "attendance-status": ("Encounter",), "counseling-kind": ("Encounter",), "counseling-status": ("Encounter",),
     "screen-method": ("DiagnosticReport",), "screen-flag": ("Observation",),
     "consent-data-class": ("Consent.provision", "Consent.provision.provision"),

@@ -1,0 +1,1 @@
+"""Payer encounter data: the per-diem rollup, FHIR Claims and the payment disclosure export."""

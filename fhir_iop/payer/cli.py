@@ -1,0 +1,116 @@
+"""``fhir-iop payer …``: payer encounter data from IOP record files (registered in ``fhir_iop.cli``).
+
+Exit codes as in ``fhir_iop.cli``: 0 written, 1 written but some records were rejected, 2 bad usage,
+configuration or input (nothing written). Short days are a report, not an error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import click
+
+from fhir_iop.errors import FhirIopError
+
+# fhir_iop.cli imports this module to register the group, so nothing is imported back from it.
+EXIT_OK, EXIT_REJECTED, EXIT_ERROR = 0, 1, 2
+_mappings_opt = click.option("--mappings", type=click.Path(exists=True, file_okay=False), envvar="FHIR_IOP_MAPPINGS",
+                             help="Site directory (site.json, ConceptMaps, payer-rules.json) overriding the shipped ones.")
+_quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No per-record or per-day messages.")
+
+
+def _guard(fn):
+    """Library errors become a message and exit code 2 (as in fhir_iop.cli)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FhirIopError as e:
+            click.echo(f"fhir-iop: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper
+
+
+def _context(mappings: str | None):
+    from fhir_iop.mapping.common import MappingContext
+    from fhir_iop.settings import load_settings
+    from fhir_iop.terminology import load_terminology
+    return MappingContext(settings=load_settings(mappings), terminology=load_terminology(mappings))
+
+
+@click.group("payer")
+def payer_group():
+    """Per-diem IOP claims and encounter data for payers."""
+
+
+def _date(ctx, param, value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+@payer_group.command("export")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--payer", "payer_id", required=True, help="The payer id (coverages.payer_id).")
+@click.option("--from", "start", required=True, callback=_date, help="First service day (YYYY-MM-DD).")
+@click.option("--to", "end", required=True, callback=_date, help="Last service day (YYYY-MM-DD).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Bundle file (bundle) or directory (ndjson).")
+@click.option("--format", "fmt", type=click.Choice(["bundle", "ndjson"]), default="bundle", show_default=True)
+@_mappings_opt
+@_quiet_opt
+@_guard
+def export_cmd(inputs, payer_id, start, end, out, fmt, mappings, quiet):
+    """IOP record files → the payer's Claims (one per client, program and coverage) with the Encounters,
+    Patients, Coverages and programs they reference: a collection Bundle, or NDJSON per resource type.
+
+    Only clients whose 42 CFR Part 2 consent covers this payer (purpose HPAYMT, encounters and coverage)
+    on a service day are disclosed; the others appear nowhere, not even in the counts. Short days are
+    printed with their reason.
+    """
+    if end < start:
+        raise click.UsageError("--to is before --from")
+    sys.exit(run_export(inputs, payer_id, start, end, out, fmt, mappings, quiet))
+
+
+def run_export(inputs, payer_id, start, end, out: Path, fmt="bundle", mappings=None, quiet=False) -> int:
+    from fhir_iop.fhir.io import BundleWriter, NdjsonWriter
+    from fhir_iop.payer.export import export, read_iop_records
+    from fhir_iop.payer.rollup import load_rules
+    started = time.perf_counter()
+    ctx = _context(mappings)
+    rules = load_rules(mappings).for_payer(payer_id)
+    records, problems = read_iop_records(inputs, ctx)
+    result = export(records, payer_id, start, end, rules, ctx)
+    problems += result.problems
+    for p in problems if not quiet else ():
+        click.echo(str(p), err=True)
+    if fmt == "ndjson":
+        writer = NdjsonWriter(out)
+        for res in result.all():
+            writer.write(res)
+        writer.close()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        with open(tmp, "wb") as f:
+            writer = BundleWriter(f, "collection")
+            for res in result.all():
+                writer.write(res)
+            writer.close()
+        tmp.replace(out)
+    if not quiet:
+        for s in result.rollup.short:
+            click.echo(f"short day: {s}", err=True)
+    counts = result.counts()
+    click.echo(f"payer {payer_id} {start}..{end}: {counts['claims']} claims, {counts['billable days']} billable days, "
+               f"{counts['short days']} short days, {counts['clients']} clients; {len(result.all())} resources "
+               f"written to {out} in {time.perf_counter() - started:.1f}s"
+               + (f"; {len(problems)} records rejected" if problems else ""), err=True)
+    return EXIT_REJECTED if problems else EXIT_OK
