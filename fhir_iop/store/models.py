@@ -1,0 +1,92 @@
+"""The store's tables (SQLAlchemy Core). The Alembic migrations in ``migrations/`` create them.
+
+``resource`` holds the current version of each resource (a deleted one keeps its row, flagged);
+``resource_version`` every version ever written; the ``search_*`` tables the values of the FHIR
+search parameters of the current version (none for a deleted resource), rewritten in the same
+transaction as the resource.
+Resource bodies are stored as the JSON text that is served (``meta`` included), so a read sends
+the stored bytes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+#: an integer primary key that autoincrements on SQLite (INTEGER) and PostgreSQL (BIGINT)
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+resource = Table(
+    "resource", metadata,
+    Column("rid", RowId, primary_key=True, autoincrement=True),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", DateTime, nullable=False),  # UTC, naive
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", Text, nullable=True),  # null once deleted
+    UniqueConstraint("type", "id", name="uq_resource_type_id"),
+)
+Index("ix_resource_type_updated", resource.c.type, resource.c.last_updated)
+
+resource_version = Table(
+    "resource_version", metadata,
+    Column("rid", RowId, ForeignKey("resource.rid", ondelete="CASCADE"), primary_key=True),
+    Column("version_id", Integer, primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("last_updated", DateTime, nullable=False),
+    Column("method", String(8), nullable=False),  # POST, PUT or DELETE
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", Text, nullable=True),
+)
+Index("ix_resource_version_type_updated", resource_version.c.type, resource_version.c.last_updated)
+Index("ix_resource_version_updated", resource_version.c.last_updated)
+
+
+def _index_table(name: str, *columns: Column, value_index: tuple[str, ...]) -> Table:
+    t = Table(name, metadata,
+              Column("rid", RowId, ForeignKey("resource.rid", ondelete="CASCADE"), nullable=False),
+              Column("type", String(64), nullable=False),  # the resource's type, so a search starts here
+              Column("param", String(64), nullable=False),
+              *columns)
+    Index(f"ix_{name}_value", t.c.type, t.c.param, *(t.c[c] for c in value_index), t.c.rid)
+    Index(f"ix_{name}_rid", t.c.rid, t.c.param)
+    return t
+
+
+#: token and uri parameters: Coding, CodeableConcept, Identifier, ContactPoint, code, boolean, uri
+search_token = _index_table("search_token", Column("system", String(255), nullable=True),
+                            Column("code", String(255), nullable=True), value_index=("code", "system"))
+#: string parameters, normalized (case-folded, accents removed)
+search_string = _index_table("search_string", Column("value", String(255), nullable=False),
+                             value_index=("value",))
+#: date parameters as the UTC range they cover (inclusive bounds)
+search_date = _index_table("search_date", Column("low", DateTime, nullable=False),
+                           Column("high", DateTime, nullable=False), value_index=("low", "high"))
+#: reference parameters: local targets as type + id, anything else as the full reference in url
+search_reference = _index_table("search_reference", Column("target_type", String(64), nullable=True),
+                                Column("target_id", String(64), nullable=True),
+                                Column("url", String(512), nullable=True), value_index=("target_id", "target_type"))
+#: quantity and number parameters
+search_quantity = _index_table("search_quantity", Column("value", Float, nullable=False),
+                               Column("system", String(255), nullable=True), Column("code", String(64), nullable=True),
+                               value_index=("value",))
+
+INDEX_TABLES = {"token": search_token, "uri": search_token, "string": search_string, "date": search_date,
+                "reference": search_reference, "quantity": search_quantity, "number": search_quantity}

@@ -1,0 +1,57 @@
+"""The application factory.
+
+Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config``):
+
+- ``DATABASE_URL``: ``sqlite:///path`` (default ``sqlite:///var/fhir-iop.sqlite``) or
+  ``postgresql+psycopg://user@host:port/db``
+- ``MIGRATE``: apply the Alembic migrations on start (default true)
+- ``BASE_URL``: the public base URL used in links and ``Location`` (default: from the request)
+- ``DEFAULT_COUNT`` / ``MAX_COUNT``: search page sizes (50 / 1000)
+- ``MAPPINGS``: site mappings directory for ``$load-iop`` (as ``--mappings`` on the command line)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app, request
+
+from fhir_iop.store import DEFAULT_DATABASE_URL, Store
+
+EXTENSION = "fhir_iop"
+
+
+@dataclass
+class State:
+    store: Store
+    default_count: int
+    max_count: int
+    base_url: str | None
+    mapping_context: object = None  # built on first $load-iop
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.from_mapping(DATABASE_URL=DEFAULT_DATABASE_URL, MIGRATE=True, BASE_URL=None, DEFAULT_COUNT=50,
+                            MAX_COUNT=1000, MAPPINGS=None, MAX_CONTENT_LENGTH=64 * 1024 * 1024)
+    app.config.from_prefixed_env("FHIR_IOP")
+    if test_config is not None:  # tests and the command line override the environment
+        app.config.from_mapping(test_config)
+    store = app.config.get("STORE") or Store(app.config["DATABASE_URL"], migrate=bool(app.config["MIGRATE"]))
+    app.extensions[EXTENSION] = State(store, int(app.config["DEFAULT_COUNT"]), int(app.config["MAX_COUNT"]),
+                                      (app.config["BASE_URL"] or "").rstrip("/") or None)
+    from server import errors
+    from server.routes import bundles, metadata, operations, resources
+    errors.init_app(app)
+    for module in (metadata, bundles, operations, resources):
+        app.register_blueprint(module.bp)
+    return app
+
+
+def state() -> State:
+    return current_app.extensions[EXTENSION]
+
+
+def base_url() -> str:
+    s = state()
+    return s.base_url or request.url_root.rstrip("/")

@@ -1,0 +1,95 @@
+"""The CapabilityStatement: built from what the server does, so it cannot claim more.
+
+Search parameters are exactly those the store indexes for each type (plus ``_id`` and
+``_lastUpdated``); ``_include``/``_revinclude`` are every reference parameter of the type / every
+reference parameter of another served type that can point to it.
+"""
+
+from __future__ import annotations
+
+from fhir_iop import __version__
+from fhir_iop.fhir.r4 import FHIR_VERSION
+from fhir_iop.store.params import RESOURCE_TYPES, Registry
+from fhir_iop.store.repository import instant, now
+from fhir_iop.terminology import CANONICAL
+
+INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
+RESULT_PARAMS = [
+    ("_count", "number", "Page size (default 50, at most 1000)"),
+    ("_offset", "number", "Start of the page (the next/previous links carry it)"),
+    ("_sort", "special", "_id, _lastUpdated, or a date, string, token or quantity parameter; - for descending"),
+    ("_summary", "token", "count (or false)"),
+    ("_elements", "string", "Top-level elements to return (mandatory ones are always kept)"),
+    ("_total", "token", "accurate: always; estimate (default): exact up to 1000 matches, left out above; none"),
+]
+DOCS = {
+    "token": "system|code, |code, system| or code; modifiers :not, :missing",
+    "uri": "exact; modifiers :below, :missing",
+    "string": "starts with, case- and accent-insensitive; modifiers :exact, :contains, :missing",
+    "date": "prefixes eq, ne, lt, le, gt, ge, sa, eb; modifier :missing",
+    "reference": "Type/id, id or absolute URL; modifiers :Type, :missing",
+    "quantity": "[prefix]number|system|code; prefixes eq, ne, lt, le, gt, ge, sa, eb, ap",
+    "number": "[prefix]number",
+}
+
+
+def _target_types(registry: Registry, rt: str, code: str) -> list[str]:
+    p = registry.get(rt, code)
+    return [t for t in (p.resolve_types or p.targets) if t in RESOURCE_TYPES]
+
+
+def _resource(registry: Registry, rt: str) -> dict:
+    params = [{"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
+              {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+               "type": "date", "documentation": DOCS["date"]}]
+    for code, p in sorted(registry.for_type(rt).items()):
+        params.append({"name": code, "definition": p.url, "type": p.type, "documentation": DOCS[p.type]})
+    includes = [f"{rt}:{p.code}" for p in registry.references(rt)]
+    revincludes = [f"{other}:{p.code}" for other in RESOURCE_TYPES for p in registry.references(other)
+                   if rt in _target_types(registry, other, p.code)]
+    return {
+        "type": rt,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{rt}",
+        "interaction": [{"code": c} for c in INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": True,
+        "conditionalDelete": "not-supported",
+        "referencePolicy": ["literal", "local"],
+        "searchInclude": includes,
+        "searchRevInclude": revincludes,
+        "searchParam": params,
+        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+    }
+
+
+def capability_statement(registry: Registry, base: str) -> dict:
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": instant(now())[:10],
+        "publisher": "fhir-iop",
+        "kind": "instance",
+        "software": {"name": "fhir-iop", "version": __version__},
+        "implementation": {"description": "fhir-iop FHIR facade over the IOP adapter's store", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json", "xml"],
+        "patchFormat": [],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Unknown search parameters are ignored and reported in the searchset (Prefer: "
+                             "handling=lenient, the default) or rejected with 400 (handling=strict). Prefer: "
+                             "return=minimal|representation|OperationOutcome is honoured on writes. Chained "
+                             "parameters, _has, _include:iterate, composite parameters, PATCH and conditional "
+                             "read/delete are not supported.",
+            "resource": [_resource(registry, rt) for rt in RESOURCE_TYPES],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "searchParam": [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],
+            "operation": [{"name": "load-iop", "definition": f"{CANONICAL}/OperationDefinition/load-iop",
+                           "documentation": "POST IOP record files (multipart/form-data, one file per record "
+                                            "type, named as in docs/record-format.md): mapped to FHIR and stored"}],
+        }],
+    }

@@ -1,0 +1,158 @@
+"""The facade over real HTTP on loopback: fhirpy as the outside client, concurrent writers, gunicorn."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from fhirpy import SyncFHIRClient
+from fhirpy.base.exceptions import MultipleResourcesFound, OperationOutcome, ResourceNotFound
+from server_kit import app, db_url, free_port, live  # noqa: F401  (fixtures)
+
+SYS = "urn:oid:2.16.840.1.113883.4.642.99"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fhirpy_drives_the_server(live):
+    fhir = SyncFHIRClient(live, requests_config={"timeout": 30})
+    # create and read
+    p = fhir.resource("Patient", identifier=[{"system": SYS, "value": "fp-1"}], name=[{"family": "Lopez"}],
+                      gender="female")
+    p.save()
+    assert p.id and p.meta.versionId == "1"
+    again = fhir.reference("Patient", p.id).to_resource()
+    assert again.name[0].family == "Lopez"
+    # update
+    again["gender"] = "male"
+    again.save()
+    assert fhir.reference("Patient", p.id).to_resource().meta.versionId == "2"
+    # conditional create (fhirpy sends the criteria in the query string)
+    dup = fhir.resource("Patient", identifier=[{"system": SYS, "value": "fp-1"}], name=[{"family": "Other"}])
+    found, created = fhir.resources("Patient").search(identifier=f"{SYS}|fp-1").get_or_create(dup)
+    assert not created and found.id == p.id and found.name[0].family == "Lopez"
+    new, created = fhir.resources("Patient").search(identifier=f"{SYS}|fp-2").get_or_create(
+        fhir.resource("Patient", identifier=[{"system": SYS, "value": "fp-2"}]))
+    assert created and new.id != p.id
+    # search with paging: fhirpy follows link[relation=next]
+    for i in range(25):
+        fhir.resource("Observation", status="final",
+                      code={"coding": [{"system": "http://loinc.org", "code": "3426-4"}]},
+                      subject={"reference": f"Patient/{p.id}"}, effectiveDateTime=f"2024-01-{i + 1:02d}").save()
+    obs = fhir.resources("Observation").search(patient=p.id).sort("date").limit(7).fetch_all()
+    assert len(obs) == 25 and len({o.id for o in obs}) == 25
+    assert [o.effectiveDateTime for o in obs] == sorted(o.effectiveDateTime for o in obs)
+    assert fhir.resources("Observation").search(patient=p.id, date="ge2024-01-20").count() == 6
+    assert fhir.resources("Patient").search(identifier=f"{SYS}|fp-1").get().id == p.id
+    # a transaction
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:5b1c0a7e-1111-4222-8333-444455556666",
+         "resource": {"resourceType": "Patient", "identifier": [{"system": SYS, "value": "fp-3"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Encounter", "status": "planned",
+                      "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                      "subject": {"reference": "urn:uuid:5b1c0a7e-1111-4222-8333-444455556666"}},
+         "request": {"method": "POST", "url": "Encounter"}}]}
+    resp = fhir.execute("/", method="post", data=bundle)
+    assert resp["type"] == "transaction-response"
+    pid = resp["entry"][0]["resource"]["id"]
+    encs = fhir.resources("Encounter").search(subject=f"Patient/{pid}").fetch()
+    assert len(encs) == 1
+    # errors come back as fhirpy's exceptions
+    with pytest.raises(ResourceNotFound):
+        fhir.reference("Patient", "no-such-id").to_resource()
+    fhir.resource("Patient", identifier=[{"system": SYS, "value": "fp-1"}]).save()
+    with pytest.raises(MultipleResourcesFound):  # 412: the criteria match two
+        fhir.resources("Patient").search(identifier=f"{SYS}|fp-1").get_or_create(dup)
+    with pytest.raises(OperationOutcome):
+        fhir.resource("Patient", gender=12).save()
+
+
+def test_two_writers_with_the_same_if_match_one_wins(live):
+    s = requests.Session()
+    r = s.put(f"{live}/Patient/race", json={"resourceType": "Patient", "id": "race", "gender": "female"})
+    assert r.status_code == 201
+    for round_ in range(8):
+        version = s.get(f"{live}/Patient/race").headers["ETag"]
+        barrier = threading.Barrier(2)
+        statuses = []
+
+        def write(n, round_=round_, barrier=barrier, version=version, statuses=statuses):
+            body = {"resourceType": "Patient", "id": "race", "gender": "male",
+                    "name": [{"family": f"Writer{n}-{round_}"}]}
+            barrier.wait()
+            resp = requests.put(f"{live}/Patient/race", json=body, headers={"If-Match": version}, timeout=30)
+            statuses.append(resp.status_code)
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(statuses) == [200, 412], statuses
+        h = s.get(f"{live}/Patient/race/_history").json()
+        assert h["total"] == round_ + 2  # exactly one new version per round
+    s.close()
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 60) -> requests.Response:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}: {out[-3000:]}")
+        try:
+            return requests.get(url, timeout=10)
+        except (requests.ConnectionError, requests.Timeout):
+            time.sleep(0.2)
+    pytest.fail(f"no answer from {url} within {seconds}s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None,
+                    reason="gunicorn is not installed in this environment")
+def test_gunicorn_serves_the_documented_command(tmp_path):
+    port = free_port()
+    env = {**os.environ, "FHIR_IOP_DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}"}
+    cmd = [str(Path(sys.executable).parent / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}",
+           "server:create_app()"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        r = _wait_for(f"http://127.0.0.1:{port}/metadata", proc)
+        assert r.status_code == 200 and r.json()["resourceType"] == "CapabilityStatement"
+        r = requests.post(f"http://127.0.0.1:{port}/Patient", json={"resourceType": "Patient", "gender": "other"},
+                          timeout=10)
+        assert r.status_code == 201
+        assert requests.get(r.headers["Location"], timeout=10).json()["gender"] == "other"
+    finally:
+        _stop(proc)
+
+
+def test_serve_demo_loads_the_clinic_and_serves_it(tmp_path):
+    port = free_port()
+    exe = Path(sys.executable).parent / "fhir-iop"
+    cmd = [str(exe), "serve", "--demo", "--port", str(port), "--database", f"sqlite:///{tmp_path / 'demo.sqlite'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        r = _wait_for(f"http://127.0.0.1:{port}/Patient?_summary=count", proc, 120)
+        assert r.status_code == 200 and r.json()["total"] == 25
+        enc = requests.get(f"http://127.0.0.1:{port}/Encounter?_count=1&_include=Encounter:patient", timeout=10).json()
+        assert enc["total"] > 100
+    finally:
+        _stop(proc)
+    out = proc.stdout.read().decode()
+    assert f"http://127.0.0.1:{port}/" in out and "curl" in out
