@@ -17,16 +17,13 @@ import orjson
 from tqdm import tqdm
 
 from fhir_iop import __version__
+from fhir_iop.cli_common import EXIT_ERROR, EXIT_OK, EXIT_REJECTED
+from fhir_iop.cli_common import guard as _guard
+from fhir_iop.cli_common import mapping_context as _context
 from fhir_iop.errors import FhirIopError, Problem, operation_outcome
 
-EXIT_OK, EXIT_REJECTED, EXIT_ERROR = 0, 1, 2
 
 
-def _context(mappings: str | None):
-    from fhir_iop.mapping.common import MappingContext
-    from fhir_iop.settings import load_settings
-    from fhir_iop.terminology import load_terminology
-    return MappingContext(settings=load_settings(mappings), terminology=load_terminology(mappings))
 
 
 def _progress(items, quiet: bool, unit: str):
@@ -64,18 +61,6 @@ class _Report:
         return EXIT_REJECTED if self.problems else EXIT_OK
 
 
-def _guard(fn):
-    """Library errors become a message and exit code 2; nothing else is caught."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FhirIopError as e:
-            click.echo(f"fhir-iop: {e}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
 
 
 @click.group()

@@ -13,34 +13,18 @@ from pathlib import Path
 
 import click
 
-from fhir_iop.errors import FhirIopError
+from fhir_iop.cli_common import EXIT_OK, EXIT_REJECTED
+from fhir_iop.cli_common import guard as _guard
+from fhir_iop.cli_common import mapping_context as _context
 
 # fhir_iop.cli imports this module to register the group, so nothing is imported back from it.
-EXIT_OK, EXIT_REJECTED, EXIT_ERROR = 0, 1, 2
 _mappings_opt = click.option("--mappings", type=click.Path(exists=True, file_okay=False), envvar="FHIR_IOP_MAPPINGS",
                              help="Site directory (site.json, ConceptMaps, payer-rules.json) overriding the shipped ones.")
 _quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No per-record or per-day messages.")
 
 
-def _guard(fn):
-    """Library errors become a message and exit code 2 (as in fhir_iop.cli)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FhirIopError as e:
-            click.echo(f"fhir-iop: {e}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
 
 
-def _context(mappings: str | None):
-    from fhir_iop.mapping.common import MappingContext
-    from fhir_iop.settings import load_settings
-    from fhir_iop.terminology import load_terminology
-    return MappingContext(settings=load_settings(mappings), terminology=load_terminology(mappings))
 
 
 @click.group("payer")
