@@ -15,7 +15,7 @@ def test_migrations_match_the_models(db_url):  # noqa: F811
     try:
         upgrade(engine)
         upgrade(engine)  # again: nothing to do
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == "0006"
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
         assert diff == []

@@ -90,3 +90,15 @@ search_quantity = _index_table("search_quantity", Column("value", Float, nullabl
 
 INDEX_TABLES = {"token": search_token, "uri": search_token, "string": search_string, "date": search_date,
                 "reference": search_reference, "quantity": search_quantity, "number": search_quantity}
+
+# -- tables of the features below; each section is owned by one module and created by its migration --
+
+# Part 2 access index (migration 0002; written by fhir_iop.disclosure through a write hook)
+
+# Audit (migration 0003; fhir_iop.audit)
+
+# SMART clients and keys (migration 0004; fhir_iop.security)
+
+# EHR sync: cursors, outbox, dead letters (migration 0005; fhir_iop.sync)
+
+# Bulk Data export jobs (migration 0006; server bulk export)

@@ -94,6 +94,12 @@ def structure_issues(res: dict) -> list[dict]:
             for loc, msg in r4.structure_errors(res)]
 
 
+#: called in the writing transaction after each write as ``hook(tx, rid_pk, type, id, resource_or_None)``
+#: (None: deleted); ``tx.origin`` tells where the write came from. Modules that keep tables derived
+#: from resources (the Part 2 access index, the sync outbox) register here, so what they derive
+#: commits or rolls back with the resource itself.
+WRITE_HOOKS: list = []
+
 _CURRENT = select(resource).where(resource.c.type == bindparam("t"), resource.c.id == bindparam("i"))
 _CURRENT_LOCKED = _CURRENT.with_for_update()
 
@@ -111,11 +117,14 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        """A write transaction: commits at the end of the block, rolls back on an exception."""
+    def transaction(self, origin: str | None = None) -> Iterator[Tx]:
+        """A write transaction: commits at the end of the block, rolls back on an exception.
+
+        ``origin`` says where what is written comes from (None: this program, its files and API
+        clients; ``"sync:<connection>"``: pulled from an EHR), for the write hooks."""
         with self.engine.connect().execution_options(**WRITE) as conn:
             with conn.begin():
-                yield Tx(conn, self.registry)
+                yield Tx(conn, self.registry, origin=origin)
 
     @contextmanager
     def reading(self, snapshot: bool = False) -> Iterator[Tx]:
@@ -132,8 +141,8 @@ class Store:
 class Tx:
     """The interactions, inside one database transaction."""
 
-    def __init__(self, conn, registry: Registry, read_only: bool = False):
-        self.conn, self.registry, self.read_only = conn, registry, read_only
+    def __init__(self, conn, registry: Registry, read_only: bool = False, origin: str | None = None):
+        self.conn, self.registry, self.read_only, self.origin = conn, registry, read_only, origin
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -234,10 +243,13 @@ class Tx:
         except TypeError:  # an integer beyond 64 bits (a decimal such as 1E+245 read from XML)
             return json.dumps(res, ensure_ascii=False, separators=(",", ":"))
 
-    def _index(self, rid_pk: int, res: dict | None, replace: bool) -> None:
+    def _index(self, rid_pk: int, res: dict | None, replace: bool, key: tuple[str, str] | None = None) -> None:
         if replace:
             for table in _TABLES.values():
                 self.conn.execute(delete(table).where(table.c.rid == rid_pk))
+        rt, rid = key or (res["resourceType"], res["id"])
+        for hook in WRITE_HOOKS:
+            hook(self, rid_pk, rt, rid, res)
         if res is None:
             return
         for kind, rows in index_rows(res, self.registry.for_type(res["resourceType"])).items():
@@ -341,7 +353,7 @@ class Tx:
                           .values(version_id=vid, last_updated=when, deleted=True, body=None))
         self.conn.execute(insert(resource_version).values(rid=row.rid, version_id=vid, type=rt, id=rid,
                                                           last_updated=when, method="DELETE", deleted=True, body=None))
-        self._index(row.rid, None, replace=True)
+        self._index(row.rid, None, replace=True, key=(rt, rid))
         return Written(Stored(rt, rid, vid, when, True, None, "DELETE"), "deleted")
 
     def put_many(self, resources, validate: bool = True) -> dict[str, int]:
