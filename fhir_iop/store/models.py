@@ -100,5 +100,64 @@ INDEX_TABLES = {"token": search_token, "uri": search_token, "string": search_str
 # SMART clients and keys (migration 0004; fhir_iop.security)
 
 # EHR sync: cursors, outbox, dead letters (migration 0005; fhir_iop.sync)
+#: one message per resource change to send to one EHR connection (the transactional outbox; written
+#: by the fhir_iop.sync.outbox write hook in the transaction of the change). ``state``: pending ->
+#: inflight (claimed: lease_owner until lease_expires) -> sent | dead | withheld (the Part 2 gate
+#: refused it; back to pending when a Consent is written, or by replay). ``last_error`` holds the
+#: EHR's reason (status and OperationOutcome text, ids only).
+sync_outbox = Table(
+    "sync_outbox", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("connection", String(64), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("resource_id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("operation", String(8), nullable=False),  # PUT (conditional update by identifier) or DELETE
+    Column("state", String(16), nullable=False),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_expires", DateTime, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("sent_at", DateTime, nullable=True),
+    Column("remote_location", String(512), nullable=True),
+    Column("remote_version", String(64), nullable=True),
+    Column("consent", String(128), nullable=True),  # "Consent/<id>" that allowed the disclosure
+)
+Index("ix_sync_outbox_claim", sync_outbox.c.state, sync_outbox.c.next_attempt_at)
+Index("ix_sync_outbox_resource", sync_outbox.c.connection, sync_outbox.c.resource_type, sync_outbox.c.resource_id)
+
+#: pull state per connection and resource type ("*" for a system-level bulk export): the
+#: incremental cursor (the EHR's meta.lastUpdated / Bundle.meta.lastUpdated, as sent), the next
+#: page link of an interrupted paging, and a Bulk Data export job in progress (kick-off status URL,
+#: its transactionTime, state and the output files already imported, a JSON list).
+sync_state = Table(
+    "sync_state", metadata,
+    Column("connection", String(64), primary_key=True),
+    Column("resource_type", String(64), primary_key=True),
+    Column("cursor", String(64), nullable=True),
+    Column("next_url", Text, nullable=True),
+    Column("bulk_status_url", Text, nullable=True),
+    Column("bulk_transaction_time", String(64), nullable=True),
+    Column("bulk_state", String(16), nullable=True),
+    Column("bulk_files_done", Text, nullable=True),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+#: one pull or push run: when, counts (a JSON object), the last error
+sync_run = Table(
+    "sync_run", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("connection", String(64), nullable=False),
+    Column("direction", String(8), nullable=False),  # pull or push
+    Column("worker", String(128), nullable=True),
+    Column("started_at", DateTime, nullable=False),
+    Column("ended_at", DateTime, nullable=True),
+    Column("counts", Text, nullable=True),
+    Column("last_error", Text, nullable=True),
+)
+Index("ix_sync_run_connection", sync_run.c.connection, sync_run.c.started_at)
 
 # Bulk Data export jobs (migration 0006; server bulk export)
