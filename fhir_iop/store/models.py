@@ -161,3 +161,24 @@ sync_run = Table(
 Index("ix_sync_run_connection", sync_run.c.connection, sync_run.c.started_at)
 
 # Bulk Data export jobs (migration 0006; server bulk export)
+
+#: one FHIR Bulk Data $export: who asked (``client``, the Access as JSON), what (the kick-off URL and its
+#: parameters), where it is (``state`` queued/running/completed/failed/cancelled, ``progress``,
+#: ``heartbeat`` of the worker), its output (``files``: JSON [{type, name, count, bytes}]) and ``error``.
+bulk_export_job = Table(
+    "bulk_export_job", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client", String(255), nullable=False),
+    Column("access", Text, nullable=False),
+    Column("request", Text, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("progress", String(255), nullable=True),
+    Column("files", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("transaction_time", DateTime, nullable=True),  # UTC, naive
+    Column("created", DateTime, nullable=False),
+    Column("heartbeat", DateTime, nullable=True),
+    Column("expires", DateTime, nullable=True),
+)
+Index("ix_bulk_export_job_client", bulk_export_job.c.client, bulk_export_job.c.created)
