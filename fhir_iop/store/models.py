@@ -98,6 +98,38 @@ INDEX_TABLES = {"token": search_token, "uri": search_token, "string": search_str
 # Audit (migration 0003; fhir_iop.audit)
 
 # SMART clients and keys (migration 0004; fhir_iop.security)
+#: registered backend clients: keys (JWKS inline or jwks_uri), allowed scopes, who they act for, why
+smart_client = Table(
+    "smart_client", metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("jwks", Text, nullable=True),  # a JWKS as JSON text
+    Column("jwks_uri", String(1024), nullable=True),
+    Column("scopes", Text, nullable=False),  # allowed scopes, space-separated
+    Column("recipient", String(128), nullable=True),  # NULL = the program itself
+    Column("purpose", String(32), nullable=False),  # v3-ActReason purpose of use
+    Column("emergency_allowed", Boolean, nullable=False, default=False),
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("created", DateTime, nullable=False),  # UTC, naive
+    Column("disabled", DateTime, nullable=True),  # when it was disabled; NULL = active
+    UniqueConstraint("name", name="uq_smart_client_name"),
+)
+#: client assertion ids seen, kept until the assertion expires, so an assertion is used only once
+smart_assertion_jti = Table(
+    "smart_assertion_jti", metadata,
+    Column("client_id", String(128), primary_key=True),
+    Column("jti", String(255), primary_key=True),
+    Column("exp", DateTime, nullable=False),
+)
+Index("ix_smart_assertion_jti_exp", smart_assertion_jti.c.exp)
+#: the server's own token-signing keys (generated on first start; the oldest active one signs)
+smart_server_key = Table(
+    "smart_server_key", metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("private_pem", Text, nullable=False),
+    Column("created", DateTime, nullable=False),
+)
 
 # EHR sync: cursors, outbox, dead letters (migration 0005; fhir_iop.sync)
 #: one message per resource change to send to one EHR connection (the transactional outbox; written
