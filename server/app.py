@@ -45,6 +45,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     for module in (metadata, bundles, operations, resources):
         app.register_blueprint(module.bp)
+    from server import formats
+    formats.init_app(app)  # keep last: input checks run after authorization (401 before 400/406)
     return app
 
 

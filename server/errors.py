@@ -40,7 +40,11 @@ def error_outcome(e: BaseException) -> tuple[int, dict]:
         return e.status, outcome(str(e), e.code, issues=e.issues)
     if isinstance(e, HTTPException):
         status = e.code or 500
-        return status, outcome(e.description or e.name, HTTP_CODES.get(status, "processing"))
+        message = e.description or e.name
+        if status == 413:
+            limit = current_app.config.get("MAX_CONTENT_LENGTH")
+            message = f"the request body is larger than the server accepts ({limit} bytes)" if limit else message
+        return status, outcome(message, HTTP_CODES.get(status, "processing"))
     if isinstance(e, FhirIopError):
         return 400, outcome(str(e), "invalid")
     return 500, outcome("internal server error; the server log has the details", "exception")

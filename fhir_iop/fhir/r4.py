@@ -1,7 +1,11 @@
 """The one module that imports fhir.resources: its R4B models (R4-compatible) and nothing else.
 
 Structure validation (not bindings, profiles or invariants), and FHIR XML in and out. XML input
-is parsed with entity resolution, DTDs and network access off.
+is parsed with entity resolution, DTDs and network access off, and a document with a DOCTYPE
+(the carrier of XXE, billion-laughs and quadratic-blowup payloads) is refused outright with
+:class:`XmlRefused` rather than parsed with its entities dropped. FHIR XML never needs a DTD or
+entities beyond XML's own (the spec has warned since DSTU2 that parsers should ignore XML entities and
+resources should not carry them: http://hl7.org/fhir/DSTU2/xml.html), so a DOCTYPE is never content.
 """
 
 from __future__ import annotations
@@ -16,9 +20,38 @@ FHIR_VERSION = "4.0.1"
 XML_NS = "http://hl7.org/fhir"
 
 
+class XmlRefused(ValueError):
+    """XML refused before or while parsing: a DOCTYPE / entity declaration (XXE, entity expansion)."""
+
+
+_DOCTYPE_MARKS = tuple(m.encode(enc) for m in ("<!DOCTYPE", "<!ENTITY")
+                       for enc in ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"))
+
+
 def safe_parser() -> etree.XMLParser:
     return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
                            huge_tree=False, remove_comments=True)
+
+
+def refuse_doctype(data: bytes, root: etree._Element | None = None) -> None:
+    """Raise :class:`XmlRefused` if ``data`` declares a DOCTYPE or entities (checked on the bytes in every
+    encoding XML allows, and, given the parsed ``root``, on what the parser saw)."""
+    head = bytes(data[:1 << 16]) if isinstance(data, (bytes, bytearray, memoryview)) else b""
+    found = any(m in head for m in _DOCTYPE_MARKS)
+    if root is not None and not found:
+        info = root.getroottree().docinfo
+        found = bool(info.doctype) or info.internalDTD is not None or info.externalDTD is not None
+    if found:
+        raise XmlRefused("a DOCTYPE or entity declaration is not allowed in FHIR XML (external entities and "
+                         "entity expansion are refused)")
+
+
+def fromstring(data: bytes) -> etree._Element:
+    """Any XML document parsed safely (no entities, DTD or network); a DOCTYPE is refused."""
+    refuse_doctype(data)
+    root = etree.fromstring(data, parser=safe_parser())
+    refuse_doctype(data, root)
+    return root
 
 
 @lru_cache(maxsize=None)
@@ -81,7 +114,9 @@ def from_xml_element(element: etree._Element) -> dict:
 
 
 def parse_xml(data: bytes) -> etree._Element:
-    root = etree.fromstring(data, parser=safe_parser())
+    """A FHIR XML document's root element; :class:`XmlRefused` for a DOCTYPE, ``etree.XMLSyntaxError`` if
+    it is not well-formed, ``ValueError`` if the root is not in the FHIR namespace."""
+    root = fromstring(data)
     if etree.QName(root).namespace != XML_NS:
         raise ValueError(f"root element is not in the FHIR namespace {XML_NS}")
     return root

@@ -27,7 +27,9 @@ def check_div(div: str) -> list[tuple[str, str]]:
     if not isinstance(div, str):
         return [("txt-1", "the narrative div must be a string of XHTML")]
     try:
-        root = etree.fromstring(div.encode("utf-8"), parser=r4.safe_parser())
+        root = r4.fromstring(div.encode("utf-8"))
+    except r4.XmlRefused as e:
+        return [("txt-1", f"the narrative is refused: {e}")]
     except etree.XMLSyntaxError as e:
         return [("txt-1", f"the narrative is not well-formed XHTML: {e}")]
     problems: list[tuple[str, str]] = []

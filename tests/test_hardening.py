@@ -1,0 +1,313 @@
+"""Hardened input: hostile XML (XXE, billion laughs, quadratic blowup), oversized and deeply nested
+bodies, wrong media types, bytes that are not text — refused with an OperationOutcome and the right
+status by the API, and with file + reason by the command line; never a 5xx, never half-done work."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+import requests
+from click.testing import CliRunner
+from server_kit import LiveServer, app, client, db_url  # noqa: F401  (fixtures)
+
+from fhir_iop.cli import main
+from fhir_iop.fhir import r4
+
+FHIR_JSON = "application/fhir+json"
+FHIR_XML = "application/fhir+xml"
+PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.642.99",
+                                                      "value": "H-1"}],
+           "name": [{"family": "Hardy", "given": ["Lee"]}], "birthDate": "1979-05-04"}
+
+
+def assert_outcome(resp, status: int, *words: str) -> dict:
+    assert resp.status_code == status, resp.get_data(as_text=True)[:500]
+    oo = orjson.loads(resp.get_data())
+    assert oo["resourceType"] == "OperationOutcome"
+    text = " ".join(i.get("diagnostics", "") for i in oo["issue"]).lower()
+    for w in words:
+        assert w.lower() in text, text
+    return oo
+
+
+def patient_count(client) -> int:
+    return client.get("/Patient?_summary=count").json["total"]
+
+
+# -- hostile XML ----------------------------------------------------------------------------------
+
+def xml_patient(doctype: str, family: str, encoding: str = "UTF-8") -> str:
+    return (f'<?xml version="1.0" encoding="{encoding}"?>\n{doctype}\n'
+            f'<Patient xmlns="http://hl7.org/fhir"><name><family value="{family}"/></name></Patient>')
+
+
+def listener():
+    """A loopback TCP listener that records whether anything connected to it (an XXE fetch would)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(5)
+    sock.settimeout(0.2)
+    hits = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            hits.append(conn.recv(1024))
+            conn.close()
+
+    stop = threading.Event()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return sock.getsockname()[1], hits, lambda: (stop.set(), t.join(2), sock.close())
+
+
+LOL = "".join(f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1)) * 10}">' for i in range(1, 10))
+HOSTILE = {
+    "xxe-file": '<!DOCTYPE Patient [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>',
+    "xxe-parameter": '<!DOCTYPE Patient [<!ENTITY % p SYSTEM "file:///etc/passwd"> %p;]>',
+    "billion-laughs": f'<!DOCTYPE Patient [<!ENTITY lol0 "lol">{LOL}]>',
+    "quadratic-blowup": f'<!DOCTYPE Patient [<!ENTITY a "{"a" * 50_000}">]>',
+    "external-dtd": '<!DOCTYPE Patient SYSTEM "file:///etc/passwd">',
+}
+USES = {"xxe-file": "&xxe;", "xxe-parameter": "x", "billion-laughs": "&lol9;", "quadratic-blowup": "&a;" * 2000,
+        "external-dtd": "x"}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_xml_is_refused_by_the_api_and_nothing_is_stored(client, kind):
+    body = xml_patient(HOSTILE[kind], USES[kind])
+    for method, url in (("post", "/Patient"), ("put", "/Patient/h1"), ("post", "/Patient/$validate"),
+                        ("post", "/")):
+        r = getattr(client, method)(url, data=body.encode(), content_type=FHIR_XML)
+        oo = assert_outcome(r, 400, "DOCTYPE")
+        assert "root:" not in r.get_data(as_text=True)  # /etc/passwd never echoed
+        assert oo["issue"][0]["code"] == "security"
+    assert patient_count(client) == 0
+
+
+def test_xxe_over_http_and_utf16_are_refused_without_a_network_fetch(client):
+    port, hits, close = listener()
+    try:
+        for doctype in (f'<!DOCTYPE Patient [<!ENTITY x SYSTEM "http://127.0.0.1:{port}/secret">]>',
+                        f'<!DOCTYPE Patient SYSTEM "http://127.0.0.1:{port}/patient.dtd">',
+                        f'<!DOCTYPE Patient [<!ENTITY % d SYSTEM "http://127.0.0.1:{port}/evil.dtd"> %d;]>'):
+            r = client.post("/Patient", data=xml_patient(doctype, "&x;").encode(), content_type=FHIR_XML)
+            assert_outcome(r, 400, "DOCTYPE")
+        utf16 = xml_patient(HOSTILE["xxe-file"], "&xxe;", "UTF-16").encode("utf-16")
+        assert_outcome(client.post("/Patient", data=utf16, content_type=FHIR_XML), 400, "DOCTYPE")
+    finally:
+        close()
+    assert hits == []
+    assert patient_count(client) == 0
+
+
+def test_plain_fhir_xml_still_works(client):
+    r = client.post("/Patient", data=xml_patient("", "Hardy").encode(), content_type=FHIR_XML)
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert r.json["name"][0]["family"] == "Hardy"
+
+
+def test_the_safe_parser_refuses_before_expanding():
+    with pytest.raises(r4.XmlRefused):
+        r4.parse_xml(xml_patient(HOSTILE["billion-laughs"], "&lol9;").encode())
+    with pytest.raises(r4.XmlRefused):  # an entity declared in an otherwise harmless document
+        r4.fromstring(b'<!DOCTYPE div [<!ENTITY a "b">]><div xmlns="http://www.w3.org/1999/xhtml">&a;</div>')
+    assert r4.parse_xml(xml_patient("", "ok").encode()).tag == "{http://hl7.org/fhir}Patient"
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", ["xxe-file", "billion-laughs"])
+def test_the_command_line_names_the_file_and_the_reason(tmp_path, kind):
+    f = tmp_path / f"{kind}.xml"
+    f.write_text(xml_patient(HOSTILE[kind], USES[kind]))
+    code, out = run_cli("validate", f)
+    assert code == 2 and str(f) in out and "DOCTYPE" in out
+    code, out = run_cli("map", "from-fhir", f, "--out", tmp_path / "records")
+    assert code != 0 and "root:" not in out
+    problems = (tmp_path / "records" / "outcome.json").read_text()
+    assert str(f) in problems and "DOCTYPE" in problems
+    # the validator's narrative check refuses an entity-carrying div in JSON as well
+    res = {"resourceType": "Patient", "text": {"status": "generated", "div": '<!DOCTYPE div [<!ENTITY a "b">]>'
+                                                  '<div xmlns="http://www.w3.org/1999/xhtml">&a;</div>'}}
+    j = tmp_path / "div.json"
+    j.write_bytes(orjson.dumps(res))
+    code, out = run_cli("validate", j)
+    assert code == 1 and "DOCTYPE" in out
+
+
+# -- size ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_app(db_url):  # noqa: F811
+    from server import create_app
+    a = create_app({"DATABASE_URL": db_url, "TESTING": True, "INSECURE_NO_AUTH": True, "MAX_CONTENT_LENGTH": 4096})
+    yield a
+    a.extensions["fhir_iop"].store.dispose()
+
+
+def big_patient(n: int) -> bytes:
+    return orjson.dumps({**PATIENT, "name": [{"family": "Hardy", "given": ["x" * 60] * (n // 64)}]})
+
+
+def test_oversized_bodies_get_413_with_or_without_content_length(small_app):
+    c = small_app.test_client()
+    assert c.post("/Patient", data=big_patient(2000), content_type=FHIR_JSON).status_code == 201
+    assert_outcome(c.post("/Patient", data=big_patient(10_000), content_type=FHIR_JSON), 413, "4096 bytes")
+    assert_outcome(c.post("/", data=big_patient(10_000), content_type=FHIR_JSON), 413)
+    # chunked: no Content-Length, the server says the input is terminated (as werkzeug and gunicorn do)
+    import io
+    r = c.post("/Patient", input_stream=io.BytesIO(big_patient(10_000)), content_type=FHIR_JSON,
+               environ_overrides={"wsgi.input_terminated": True})
+    assert_outcome(r, 413)
+    assert c.get("/Patient?_summary=count").json["total"] == 1
+
+
+def test_a_chunked_upload_over_the_wire_is_cut_off(small_app):
+    def chunks():
+        for _ in range(100):
+            yield b" " * 1000
+        yield big_patient(100)
+
+    with LiveServer(small_app) as server:
+        r = requests.post(f"{server.url}/Patient", data=chunks(), headers={"Content-Type": FHIR_JSON}, timeout=30)
+        assert "Content-Length" not in r.request.headers and r.request.headers["Transfer-Encoding"] == "chunked"
+        assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
+        ok = requests.post(f"{server.url}/Patient", data=iter([big_patient(100)]),
+                           headers={"Content-Type": FHIR_JSON}, timeout=30)
+        assert ok.status_code == 201, ok.text
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+
+def nested(depth: int) -> dict:
+    """A Patient whose extension nests ``depth`` levels below the resource (as FHIR extensions may)."""
+    ext: dict = {"url": "http://example.org/leaf", "valueString": "x"}
+    levels = 1 + 2  # resource, extension array, extension object
+    while levels < depth:
+        ext = {"url": "http://example.org/n", "extension": [ext]}
+        levels += 2
+    return {**PATIENT, "extension": [ext]}
+
+
+def test_deeply_nested_json_gets_400_and_reasonable_nesting_passes(client):
+    assert client.post("/Patient", data=orjson.dumps(nested(30)), content_type=FHIR_JSON).status_code == 201
+    assert_outcome(client.post("/Patient", data=orjson.dumps(nested(120)), content_type=FHIR_JSON), 400,
+                   "nested deeper than 100")
+    deep = b'{"resourceType":"Patient","extension":' + b"[" * 5000 + b"]" * 5000 + b"}"  # past orjson's own cap
+    assert_outcome(client.post("/Patient", data=deep, content_type=FHIR_JSON), 400)
+    bundle = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"resource": nested(150), "request": {"method": "POST", "url": "Patient"}}]}
+    assert_outcome(client.post("/", data=orjson.dumps(bundle), content_type=FHIR_JSON), 400, "nested deeper")
+    assert patient_count(client) == 1
+
+
+@pytest.mark.parametrize("body, words", [
+    (orjson.dumps({**PATIENT, "name": [{"family": "Ha\x00rdy"}]}), ["control character"]),
+    (orjson.dumps({**PATIENT, "gender\x00": "female"}), ["control character"]),
+    (orjson.dumps({**PATIENT, "name": [{"family": "Ha\x1brdy"}]}), ["control character"]),
+    (b'{"resourceType":"Patient","name":[{"family":"Ha\x00rdy"}]}', ["not valid JSON"]),  # a raw NUL
+    (b'{"resourceType":"Patient","name":[{"family":"Ha\xff\xferdy"}]}', ["not valid JSON"]),  # not UTF-8
+    (b'{"resourceType":"Patient","name":[{"family":"\\ud800"}]}', ["not valid JSON"]),  # lone surrogate
+    ('{"resourceType":"Patient","name":[{"family":"Hardy"}]}'.encode("utf-16"), ["not valid JSON"]),
+    (b'{"resourceType":"Patient","meta":{"security":[{"code":"R"}]},"meta":{}}', ["twice", "meta"]),
+    (b'[{"resourceType":"Patient"}]', ["not a JSON object"]),
+    (b"", ["not valid JSON"]),
+])
+def test_bad_json_bytes_get_400(client, body, words):
+    for method, url in (("post", "/Patient"), ("put", "/Patient/h2"), ("post", "/Patient/$validate")):
+        assert_outcome(getattr(client, method)(url, data=body, content_type=FHIR_JSON), 400, *words)
+    assert patient_count(client) == 0
+
+
+def test_tab_newline_and_unicode_text_are_fine(client):
+    res = {**PATIENT, "name": [{"family": "Ñúñez\tde la Peña", "text": "line 1\r\nline 2 — 患者"}]}
+    r = client.post("/Patient", data=orjson.dumps(res), content_type=FHIR_JSON)
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert r.json["name"][0]["text"] == "line 1\r\nline 2 — 患者"
+
+
+# -- media types -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "image/png",
+                                          "application/octet-stream", None])
+def test_a_body_that_is_neither_fhir_json_nor_xml_gets_415(client, content_type):
+    body = orjson.dumps(PATIENT)
+    for method, url in (("post", "/Patient"), ("put", "/Patient/h3"), ("put", "/Patient?identifier=H-1"),
+                        ("post", "/"), ("post", "/Patient/$validate")):
+        r = getattr(client, method)(url, data=body, content_type=content_type)
+        assert_outcome(r, 415, "application/fhir+json")
+    assert patient_count(client) == 0
+
+
+@pytest.mark.parametrize("accept, fmt, status", [
+    ("text/plain", None, 406), ("application/fhir+turtle", None, 406), ("image/*", None, 406),
+    (None, "turtle", 406), (None, "text/plain", 406), ("application/fhir+xml", "bogus", 406),
+    ("*/*", None, 200), ("application/*", None, 200), ("text/html,application/xhtml+xml,*/*;q=0.8", None, 200),
+    ("text/html", None, 200), ("application/fhir+xml;q=0.9, text/plain", None, 200), (None, "xml", 200),
+    (None, "application/fhir+json", 200), ("", None, 200),
+])
+def test_accept_and_format_we_cannot_produce_get_406(client, accept, fmt, status):
+    headers = {"Accept": accept} if accept is not None else {}
+    url = "/metadata" + (f"?_format={fmt}" if fmt else "")
+    r = client.get(url, headers=headers)
+    assert r.status_code == status, r.get_data(as_text=True)[:300]
+    if status == 406:
+        assert r.content_type.startswith("application/fhir+json")
+        assert_outcome(r, 406, "application/fhir+xml")
+
+
+def test_406_is_decided_before_a_write(client):
+    r = client.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON, headers={"Accept": "text/csv"})
+    assert_outcome(r, 406)
+    assert patient_count(client) == 0
+
+
+# -- paths and query strings ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "/Patient?name=%00", "/Patient?family=Ha%00rdy", "/Patient?name=%ff%fe", "/Patient?_id=%c3%28",
+    "/Patient/%00", "/Patient/abc%00def/_history", "/Patient/%ff", "/Observation?code=%1b[31m",
+    "/Patient?_format=%00", "/%00/_history",
+])
+def test_nul_and_invalid_utf8_in_paths_and_queries_get_400(client, url):
+    assert_outcome(client.get(url), 400, "UTF-8 or holds control characters")
+    assert_outcome(client.delete(url), 400)
+
+
+def test_a_refused_query_writes_nothing(client):
+    r = client.put("/Patient?identifier=%00", data=orjson.dumps(PATIENT), content_type=FHIR_JSON)
+    assert_outcome(r, 400)
+    assert patient_count(client) == 0
+
+
+def test_unicode_in_queries_still_searches(client):
+    res = {**PATIENT, "name": [{"family": "Peña"}]}
+    assert client.post("/Patient", data=orjson.dumps(res), content_type=FHIR_JSON).status_code == 201
+    r = client.get("/Patient?family=pe%C3%B1a")
+    assert r.status_code == 200 and r.json["total"] == 1
+
+
+def test_every_module_parses_xml_through_the_safe_parser():
+    """No lxml parse outside fhir_iop.fhir.r4 (a new reader would otherwise bypass the DOCTYPE refusal)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for f in [*(root / "fhir_iop").rglob("*.py"), *(root / "server").rglob("*.py")]:
+        text = f.read_text(encoding="utf-8")
+        if f.name == "r4.py" and f.parent.name == "fhir":
+            continue
+        for needle in ("etree.fromstring(", "etree.parse(", "etree.XML(", "etree.iterparse(", "xml.etree",
+                       "minidom", "xml.sax"):
+            if needle in text:
+                offenders.append(f"{f.relative_to(root)}: {needle}")
+    assert offenders == []
