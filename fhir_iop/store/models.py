@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -94,6 +95,35 @@ INDEX_TABLES = {"token": search_token, "uri": search_token, "string": search_str
 # -- tables of the features below; each section is owned by one module and created by its migration --
 
 # Part 2 access index (migration 0002; written by fhir_iop.disclosure through a write hook)
+
+#: every resource ever stored with the 42 CFR Part 2 label (v3-ActCode#42CFRPart2 in meta.security),
+#: with its type and the Patient it is about (None: no Patient, never disclosed outside the program).
+#: A row stays when a later version drops the label or the resource is deleted: its history is Part 2.
+part2_resource = Table(
+    "part2_resource", metadata,
+    Column("rid", RowId, ForeignKey("resource.rid", ondelete="CASCADE"), primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=True),
+)
+Index("ix_part2_resource_patient", part2_resource.c.patient_id)
+
+#: what the current version of each Consent lets go: one row per (purpose, resource type), with the
+#: consent's period and revocation day (``fhir_iop.mapping.consent.covers`` semantics)
+part2_grant = Table(
+    "part2_grant", metadata,
+    Column("consent_rid", RowId, ForeignKey("resource.rid", ondelete="CASCADE"), nullable=False),
+    Column("consent_id", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("recipient_id", String(255), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("resource_type", String(64), nullable=False),
+    Column("start_on", Date, nullable=False),
+    Column("end_on", Date, nullable=True),
+    Column("revoked_on", Date, nullable=True),
+)
+Index("ix_part2_grant_lookup", part2_grant.c.patient_id, part2_grant.c.recipient_id, part2_grant.c.purpose,
+      part2_grant.c.resource_type)
+Index("ix_part2_grant_consent", part2_grant.c.consent_rid)
 
 # Audit (migration 0003; fhir_iop.audit)
 

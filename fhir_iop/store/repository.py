@@ -100,6 +100,15 @@ def structure_issues(res: dict) -> list[dict]:
 #: commits or rolls back with the resource itself.
 WRITE_HOOKS: list = []
 
+
+def _part2_index(tx, rid_pk, rt, rid, res) -> None:
+    """The Part 2 access index (fhir_iop.disclosure) is kept with every write, whoever writes."""
+    from fhir_iop.disclosure.index import hook
+    hook(tx, rid_pk, rt, rid, res)
+
+
+WRITE_HOOKS.append(_part2_index)
+
 _CURRENT = select(resource).where(resource.c.type == bindparam("t"), resource.c.id == bindparam("i"))
 _CURRENT_LOCKED = _CURRENT.with_for_update()
 
@@ -143,15 +152,38 @@ class Tx:
 
     def __init__(self, conn, registry: Registry, read_only: bool = False, origin: str | None = None):
         self.conn, self.registry, self.read_only, self.origin = conn, registry, read_only, origin
+        #: the Part 2 gate of whoever this transaction serves (``fhir_iop.disclosure.Gate``; None: the
+        #: program itself). Every read path sees only what it lets go: a withheld resource is
+        #: reported exactly like a missing one, and counts, pages and includes leave it out.
+        self.gate = None
 
     # -- reads ------------------------------------------------------------------------------------
+
+    def visible(self, table):
+        """The gate's SQL condition on ``table`` (anything with a ``rid`` column), or None."""
+        g = self.gate
+        if g is None or getattr(g, "unrestricted", False):
+            return None
+        return g.visible_clause(table)
 
     def _current(self, rt: str, rid: str, lock: bool = False):
         return self.conn.execute(_CURRENT_LOCKED if lock else _CURRENT, {"t": rt, "i": rid}).first()
 
+    def _current_visible(self, rt: str, rid: str):
+        """The current row if the gate lets this transaction see it (None: missing or withheld)."""
+        cond = self.visible(resource)
+        if cond is None:
+            return self._current(rt, rid)
+        return self.conn.execute(select(resource).where(resource.c.type == rt, resource.c.id == rid, cond)).first()
+
+    def _sees(self, row) -> bool:
+        cond = self.visible(resource)
+        return cond is None or self.conn.execute(select(resource.c.rid).where(resource.c.rid == row.rid, cond)) \
+            .first() is not None
+
     def read(self, rt: str, rid: str) -> Stored:
         check_type(rt)
-        row = self._current(rt, rid)
+        row = self._current_visible(rt, rid)
         if row is None:
             raise NotFound(f"{rt}/{rid} is not known")
         if row.deleted:
@@ -164,6 +196,8 @@ class Tx:
             raise NotFound(f"{rt}/{rid}/_history/{vid} is not known")
         stmt = select(resource_version).where(resource_version.c.type == rt, resource_version.c.id == rid,
                                               resource_version.c.version_id == int(vid))
+        if (cond := self.visible(resource_version)) is not None:
+            stmt = stmt.where(cond)
         row = self.conn.execute(stmt).first()
         if row is None:
             raise NotFound(f"{rt}/{rid}/_history/{vid} is not known")
@@ -173,7 +207,7 @@ class Tx:
 
     def search(self, q: search.Query) -> search.SearchResult:
         check_type(q.type)
-        return search.run(self.conn, q, self.registry)
+        return search.run(self.conn, q, self.registry, self.visible)
 
     def match(self, rt: str, query: str, limit: int = 2) -> list[Stored]:
         """Current resources matching a conditional-interaction query (unknown parameters are errors)."""
@@ -183,7 +217,7 @@ class Tx:
             raise Invalid("a conditional interaction needs search criteria", status=400)
         q = search.parse(self.registry, rt, params, strict=True)
         q.count, q.offset, q.total, q.sort, q.include, q.revinclude = limit, 0, "none", [], [], []
-        r = search.run(self.conn, q, self.registry)
+        r = search.run(self.conn, q, self.registry, self.visible)
         return [self.read(t, i) for t, i, _ in r.matches]
 
     def history(self, rt: str | None = None, rid: str | None = None, since: datetime | None = None,
@@ -195,10 +229,12 @@ class Tx:
             conds.append(resource_version.c.type == rt)
         if rid is not None:
             conds.append(resource_version.c.id == rid)
-            if self._current(rt, rid) is None:
+            if self._current_visible(rt, rid) is None:
                 raise NotFound(f"{rt}/{rid} is not known")
         if since is not None:
             conds.append(resource_version.c.last_updated >= since)
+        if (cond := self.visible(resource_version)) is not None:
+            conds.append(cond)
         total = self.conn.execute(select(func.count()).select_from(resource_version).where(*conds)).scalar_one()
         stmt = select(resource_version).where(*conds).order_by(
             resource_version.c.last_updated.desc(), resource_version.c.rid.desc(),
@@ -313,11 +349,21 @@ class Tx:
         if res["id"] != rid:
             raise Invalid(f"the body's id {res['id']!r} is not the URL's {rid!r}", status=400)
         row = self._current(rt, rid, lock=True)
+        if self.visible(resource) is not None and (row is None or not self._sees(row)):
+            raise self._hidden_put(rt, rid)
         if row is None:
             if if_match is not None:
                 raise PreconditionFailed(f"{rt}/{rid} does not exist (If-Match {if_match})")
             return self._insert(res, "PUT")
         return self._replace(row, res, "PUT", if_match)
+
+    @staticmethod
+    def _hidden_put(rt: str, rid: str) -> Invalid:
+        """A gated client (an outside recipient) PUTs to an id it cannot see: missing or withheld, the
+        same answer (the spec's 405 for a server that does not take client-defined ids), so a write
+        tells it nothing about Part 2 data it may not see."""
+        return Invalid(f"{rt}/{rid} is not known, and a client acting for an outside recipient cannot create "
+                       "a resource with an id of its choosing (POST it instead)", status=405)
 
     def conditional_update(self, rt: str, query: str, res: dict, if_match: int | None = None) -> Written:
         """PUT Type?criteria: update the one match, create if none, 412 if several."""
@@ -333,6 +379,9 @@ class Tx:
             return self.update(rt, rid, {**res, "id": rid}, if_match)
         rid = res.get("id") or str(uuid.uuid4())
         check_id(rid)
+        if res.get("id") and self.visible(resource) is not None and \
+                ((row := self._current(rt, rid)) is None or not self._sees(row)):
+            raise self._hidden_put(rt, rid)
         if self._current(rt, rid) is not None:
             raise Conflict(f"{rt}/{rid} exists but does not match {query!r}")
         return self._insert({**res, "id": rid}, "PUT")
@@ -342,7 +391,7 @@ class Tx:
         check_type(rt)
         self._writable()
         row = self._current(rt, rid, lock=True)
-        if row is None:
+        if row is None or not self._sees(row):
             raise NotFound(f"{rt}/{rid} is not known")
         if if_match is not None and row.version_id != if_match:
             raise PreconditionFailed(f"{rt}/{rid} is at version {row.version_id}, not {if_match} (If-Match)")

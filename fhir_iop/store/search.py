@@ -314,17 +314,23 @@ class SearchResult:
     has_next: bool
 
 
-def run(conn, q: Query, registry: Registry) -> SearchResult:
+def run(conn, q: Query, registry: Registry, visible=None) -> SearchResult:
     """One page of matches (and includes). ``total``: exact for ``_summary=count``, ``_count=0`` and
     ``_total=accurate``; by default exact up to TOTAL_CAP matches and left out above (counting a
-    large result costs more than the page); never with ``_total=none``."""
+    large result costs more than the page); never with ``_total=none``.
+
+    ``visible(table)``: the Part 2 gate's condition (``Tx.visible``), or None. It is part of every
+    statement here, so withheld resources count nowhere: not in totals, pages, links or includes."""
     conds = conditions(q)
+    gate = visible(resource) if visible is not None else None
+    if gate is not None:
+        conds = [*conds, gate]
     total = None
     if q.summary == "count" or q.count == 0 or q.total == "accurate":
         total = conn.execute(select(func.count()).select_from(resource).where(*conds)).scalar_one()
     elif q.total == "estimate":
         only = q.criteria[0] if len(q.criteria) == 1 else None
-        if only is not None and only.param is not None and only.modifier not in ("not", "missing"):
+        if gate is None and only is not None and only.param is not None and only.modifier not in ("not", "missing"):
             # one criterion: count its index rows alone (they exist only for live resources of the type)
             inner = _driving_rids(q.type, only)
         else:
@@ -339,11 +345,11 @@ def run(conn, q: Query, registry: Registry) -> SearchResult:
     rows = conn.execute(stmt).all()
     has_next = len(rows) > q.count
     rows = rows[:q.count]
-    included = _includes(conn, q, rows) if rows and (q.include or q.revinclude) else []
+    included = _includes(conn, q, rows, visible) if rows and (q.include or q.revinclude) else []
     return SearchResult(total, [(r.type, r.id, r.body) for r in rows], included, has_next)
 
 
-def _includes(conn, q: Query, rows) -> list[tuple[str, str, str]]:
+def _includes(conn, q: Query, rows, visible=None) -> list[tuple[str, str, str]]:
     seen = {(r.type, r.id) for r in rows}
     out: list[tuple[str, str, str]] = []
     rids = [r.rid for r in rows]
@@ -354,6 +360,8 @@ def _includes(conn, q: Query, rows) -> list[tuple[str, str, str]]:
                  target.c.deleted.is_(False)]
         if ttype:
             conds.append(search_reference.c.target_type == ttype)
+        if visible is not None and (cond := visible(target)) is not None:
+            conds.append(cond)
         stmt = select(target.c.type, target.c.id, target.c.body).distinct().where(*conds).limit(MAX_INCLUDES)
         out += _new(conn.execute(stmt), seen)
     by_type: dict[str, list[str]] = {}
@@ -365,6 +373,8 @@ def _includes(conn, q: Query, rows) -> list[tuple[str, str, str]]:
         stmt = select(resource.c.type, resource.c.id, resource.c.body).distinct() \
             .where(resource.c.rid == search_reference.c.rid, search_reference.c.type == src,
                    search_reference.c.param == param, keys).limit(MAX_INCLUDES)
+        if visible is not None and (cond := visible(resource)) is not None:
+            stmt = stmt.where(cond)
         out += _new(conn.execute(stmt), seen)
     return out
 
