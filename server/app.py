@@ -8,6 +8,9 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
 - ``BASE_URL``: the public base URL used in links and ``Location`` (default: from the request)
 - ``DEFAULT_COUNT`` / ``MAX_COUNT``: search page sizes (50 / 1000)
 - ``MAPPINGS``: site mappings directory for ``$load-iop`` (as ``--mappings`` on the command line)
+- authorization (``server/auth.py``): ``INSECURE_NO_AUTH`` (development only, default false),
+  ``SIGNING_KEY_FILE``/``SIGNING_ALG``, ``TOKEN_ISSUER``, ``TOKEN_LIFETIME``, ``TOKEN_URL``,
+  ``AUTH_JWKS_URL``/``AUTH_ISSUER``/``AUTH_AUDIENCE`` (an external authorization server)
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     for module in (metadata, bundles, operations, resources):
         app.register_blueprint(module.bp)
+    from server import auth
+    from server.routes import smart
+    app.register_blueprint(smart.bp)
+    auth.init_app(app)  # bearer token and scopes of every request (server/auth.py)
     from server import formats
     formats.init_app(app)  # keep last: input checks run after authorization (401 before 400/406)
     return app

@@ -164,7 +164,10 @@ def process(store: Store, bundle: dict, base: str, prefer_return: str | None, se
         raise FhirHttpError(400, f"Bundle.type {kind!r}: only batch and transaction Bundles are processed")
     entries = parse_entries(bundle, base)
     results: dict[int, Result | dict] = {}
+    from server.auth import check_entry  # each entry's own SMART scope (403)
     if kind == "transaction":
+        for e in entries:  # all before anything is written: one denied entry refuses the transaction
+            check_entry(e)
         with store.transaction() as tx:
             refs, matched = _resolve_ids(tx, entries)
             for e in entries:
@@ -182,6 +185,7 @@ def process(store: Store, bundle: dict, base: str, prefer_return: str | None, se
         response = []
         for e in entries:
             try:
+                check_entry(e)
                 with store.transaction() as tx:
                     _, matched = _resolve_ids(tx, [e]) if e.method == "POST" else ({}, {})
                     res = _run(tx, e, matched, search_fn)

@@ -59,10 +59,36 @@ def db_url(request, tmp_path):
 
 @pytest.fixture
 def app(db_url):
+    """The facade with authorization OFF (``INSECURE_NO_AUTH``): the functional tests act as the program."""
+    from server import create_app
+    app = create_app({"DATABASE_URL": db_url, "TESTING": True, "INSECURE_NO_AUTH": True})
+    yield app
+    app.extensions["fhir_iop"].store.dispose()
+
+
+@pytest.fixture
+def secured_app(db_url):
+    """The facade as it ships: every request needs a bearer token (``token_for`` makes one)."""
     from server import create_app
     app = create_app({"DATABASE_URL": db_url, "TESTING": True})
     yield app
     app.extensions["fhir_iop"].store.dispose()
+
+
+def token_for(app, scopes="system/*.read", recipient=None, purpose="TREAT", admin=False,
+              emergency_allowed=False) -> str:
+    """``Authorization`` header value ("Bearer …") for a freshly registered client of ``app``'s store:
+    allowed ``scopes`` (space-separated SMART scopes, "" for none), acting for ``recipient`` (None =
+    the program itself) with ``purpose`` (v3-ActReason), ``admin`` and ``emergency_allowed`` as given.
+    The token is signed by the app's own key, exactly as its token endpoint would sign it."""
+    import uuid as _uuid
+
+    from fhir_iop.security import clients, keys
+    store = app.extensions["fhir_iop"].store
+    client_key = keys.generate("ES384")  # registered, never used: the token is issued directly
+    c = clients.register(store, f"test-{_uuid.uuid4().hex[:12]}", scopes=scopes, jwks=keys.jwks_of(client_key),
+                         recipient=recipient, purpose=purpose, admin=admin, emergency_allowed=emergency_allowed)
+    return "Bearer " + app.extensions["fhir_iop_auth"].issue(c.client_id, c.scopes)
 
 
 @pytest.fixture
