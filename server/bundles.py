@@ -42,7 +42,11 @@ def _entry(base: str, rt: str, rid: str, body: str | bytes, mode: str | None, ex
     return b"".join(parts) + b"}"
 
 
-def searchset(base: str, path: str, q: Query, r: SearchResult) -> bytes:
+def searchset(base: str, path: str, q: Query, r: SearchResult, out=None) -> bytes:
+    """``out(type, id, body)``: the body as it leaves (``Gate.outgoing``: the redisclosure prohibition on
+    Part 2 data for an outside recipient); the gate already left withheld rows out of ``r``."""
+    out = out or (lambda rt, rid, body: body)
+
     def link(offset: int) -> str:
         return f"{base}/{path}?{urlencode(q.link_params(offset))}"
 
@@ -57,9 +61,9 @@ def searchset(base: str, path: str, q: Query, r: SearchResult) -> bytes:
             links.append(("last", link(((r.total - 1) // q.count) * q.count)))
     entries = []
     for rt, rid, body in r.matches:
-        entries.append(_entry(base, rt, rid, subset(body, q.elements) if q.elements else body, "match"))
+        entries.append(_entry(base, rt, rid, out(rt, rid, subset(body, q.elements) if q.elements else body), "match"))
     for rt, rid, body in r.included:
-        entries.append(_entry(base, rt, rid, body, "include"))
+        entries.append(_entry(base, rt, rid, out(rt, rid, body), "include"))
     if q.unknown:
         oo = outcome("search parameters ignored (Prefer: handling=lenient): "
                      + "; ".join(reason for _, reason in q.unknown), "not-supported", "warning")
@@ -68,7 +72,9 @@ def searchset(base: str, path: str, q: Query, r: SearchResult) -> bytes:
 
 
 def history(base: str, path: str, total: int, versions: list[Stored], count: int, offset: int,
-            extra_params: list[tuple[str, str]]) -> bytes:
+            extra_params: list[tuple[str, str]], out=None) -> bytes:
+    out = out or (lambda rt, rid, body: body)
+
     def link(off: int) -> str:
         return f"{base}/{path}?{urlencode([*extra_params, ('_count', str(count)), ('_offset', str(off))])}"
 
@@ -87,5 +93,6 @@ def history(base: str, path: str, total: int, versions: list[Stored], count: int
         if v.deleted:
             entries.append(orjson.dumps({"fullUrl": url, "request": req, "response": resp}))
         else:
-            entries.append(_entry(base, v.type, v.id, v.body, None, {"request": req, "response": resp}))
+            entries.append(_entry(base, v.type, v.id, out(v.type, v.id, v.body), None,
+                                  {"request": req, "response": resp}))
     return _assemble(_head("history", total, links), entries)

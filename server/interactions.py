@@ -6,10 +6,13 @@ HTTP response or a Bundle entry, honouring ``Prefer: return=``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
-from fhir_iop.store import Stored, Tx
+from fhir_iop.disclosure import Gate
+from fhir_iop.store import Store, Stored, Tx
 from fhir_iop.store.repository import instant
+from server.access import current_access
 from server.errors import outcome
 from server.formats import http_date
 
@@ -58,21 +61,67 @@ class Result:
         return r
 
 
+# -- 42 CFR Part 2: every store transaction of a request carries the request's gate -----------------
+
+def gated(tx: Tx) -> Gate:
+    """The Part 2 gate of the current request on ``tx`` (set once): from then on every read path of
+    ``tx`` sees only what the request's access may see (``fhir_iop.disclosure``)."""
+    if tx.gate is None:
+        tx.gate = Gate(tx, current_access())
+    return tx.gate
+
+
+class GatedStore:
+    """The store as one request uses it: every transaction it opens carries the request's gate."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    @contextmanager
+    def transaction(self, origin: str | None = None):
+        with self.store.transaction(origin) as tx:
+            gated(tx)
+            yield tx
+
+    @contextmanager
+    def reading(self, snapshot: bool = False):
+        with self.store.reading(snapshot) as tx:
+            gated(tx)
+            yield tx
+
+
+def outgoing(tx: Tx, stored: Stored) -> Stored:
+    """``stored`` as it leaves: with the redisclosure prohibition when it is Part 2 data for an
+    outside recipient (``Gate.outgoing``)."""
+    if stored.body is None:
+        return stored
+    body = gated(tx).outgoing(stored.type, stored.id, stored.body)
+    if body is stored.body:
+        return stored
+    return replace(stored, body=body.decode() if isinstance(body, bytes) else body)
+
+
 def read(tx: Tx, rt: str, rid: str) -> Result:
-    return Result(200, tx.read(rt, rid))
+    gated(tx)
+    return Result(200, outgoing(tx, tx.read(rt, rid)))
 
 
 def vread(tx: Tx, rt: str, rid: str, vid: str) -> Result:
-    return Result(200, tx.vread(rt, rid, vid))
+    gated(tx)
+    return Result(200, outgoing(tx, tx.vread(rt, rid, vid)))
 
 
 def create(tx: Tx, rt: str, res: dict, if_none_exist: str | None = None, rid: str | None = None) -> Result:
     from fhir_iop.store import Invalid
     if res.get("resourceType") != rt:
         raise Invalid(f"the body is a {res.get('resourceType')}, the URL names {rt}", status=400)
+    gated(tx)
     w = tx.create(res, if_none_exist, rid)
     if w.outcome == "exists":
-        return Result(200, w.stored, message=f"{rt}/{w.stored.id} matches If-None-Exist; nothing created")
+        return Result(200, outgoing(tx, w.stored), message=f"{rt}/{w.stored.id} matches If-None-Exist; nothing created")
     return Result(201, w.stored, message=f"created {rt}/{w.stored.id} version {w.stored.version_id}")
 
 
@@ -86,14 +135,17 @@ def _written(w, rt) -> Result:
 
 
 def update(tx: Tx, rt: str, rid: str, res: dict, if_match: int | None = None) -> Result:
+    gated(tx)
     return _written(tx.update(rt, rid, res, if_match), rt)
 
 
 def conditional_update(tx: Tx, rt: str, query: str, res: dict, if_match: int | None = None) -> Result:
+    gated(tx)
     return _written(tx.conditional_update(rt, query, res, if_match), rt)
 
 
 def delete(tx: Tx, rt: str, rid: str, if_match: int | None = None) -> Result:
+    gated(tx)
     w = tx.delete(rt, rid, if_match)
     if w is None:
         return Result(204, message=f"{rt}/{rid} was deleted already")

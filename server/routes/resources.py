@@ -13,7 +13,7 @@ from fhir_iop.store.repository import check_type
 from server import bundles, interactions
 from server.app import base_url, state
 from server.formats import if_match, prefer, read_body, respond
-from server.interactions import Result
+from server.interactions import GatedStore, Result, gated
 
 bp = Blueprint("resources", __name__)
 
@@ -35,13 +35,19 @@ def run_search(tx: Tx, rt: str, query: str | list[tuple[str, str]], path: str | 
     params = parse_qsl(query, keep_blank_values=True) if isinstance(query, str) else query
     q = search.parse(s.store.registry, rt, params, strict=prefer().get("handling") == "strict",
                      default_count=s.default_count, max_count=s.max_count)
-    return bundles.searchset(base_url(), path or rt, q, tx.search(q))
+    gate = gated(tx)  # Part 2: withheld rows are left out in SQL; what leaves is marked
+    return bundles.searchset(base_url(), path or rt, q, tx.search(q), gate.outgoing)
+
+
+def store() -> GatedStore:
+    """The store for this request: every transaction carries the request's Part 2 gate."""
+    return GatedStore(state().store)
 
 
 @bp.get("/<rtype>")
 def search_type(rtype: str):
     check_type(rtype)
-    with state().store.reading() as tx:
+    with store().reading() as tx:
         return respond(run_search(tx, rtype, list(request.args.items(multi=True))))
 
 
@@ -49,7 +55,7 @@ def search_type(rtype: str):
 def search_post(rtype: str):
     check_type(rtype)
     params = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
-    with state().store.reading() as tx:
+    with store().reading() as tx:
         return respond(run_search(tx, rtype, params))
 
 
@@ -62,7 +68,7 @@ def create(rtype: str):
     # conditional create: If-None-Exist, or criteria in the query string (as fhirpy's get_or_create sends them)
     criteria = request.headers.get("If-None-Exist") or urlencode(
         [(k, v) for k, v in request.args.items(multi=True) if k not in ("_format", "_pretty")])
-    with state().store.transaction() as tx:
+    with store().transaction() as tx:
         result = interactions.create(tx, rtype, body, criteria or None)
     return send(result)
 
@@ -75,7 +81,7 @@ def conditional_update(rtype: str):
         raise Invalid("PUT without an id needs search criteria (conditional update), e.g. ?identifier=system|value",
                       status=400)
     body = read_body()
-    with state().store.transaction() as tx:
+    with store().transaction() as tx:
         result = interactions.conditional_update(tx, rtype, query, body, if_match())
     return send(result)
 
@@ -84,7 +90,7 @@ def conditional_update(rtype: str):
 def update(rtype: str, rid: str):
     check_type(rtype)
     body = read_body()
-    with state().store.transaction() as tx:
+    with store().transaction() as tx:
         result = interactions.update(tx, rtype, rid, body, if_match())
     return send(result)
 
@@ -92,7 +98,7 @@ def update(rtype: str, rid: str):
 @bp.delete("/<rtype>/<rid>")
 def delete(rtype: str, rid: str):
     check_type(rtype)
-    with state().store.transaction() as tx:
+    with store().transaction() as tx:
         result = interactions.delete(tx, rtype, rid, if_match())
     return send(result)
 
@@ -101,13 +107,13 @@ def delete(rtype: str, rid: str):
 
 @bp.get("/<rtype>/<rid>")
 def read(rtype: str, rid: str):
-    with state().store.reading() as tx:
+    with store().reading() as tx:
         return send(interactions.read(tx, rtype, rid))
 
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
 def vread(rtype: str, rid: str, vid: str):
-    with state().store.reading() as tx:
+    with store().reading() as tx:
         return send(interactions.vread(tx, rtype, rid, vid))
 
 
@@ -127,10 +133,10 @@ def history_params() -> tuple[datetime | None, int, int]:
 
 def _history(rtype: str | None, rid: str | None, path: str):
     since, count, offset = history_params()
-    with state().store.reading() as tx:
+    with store().reading() as tx:
         total, versions = tx.history(rtype, rid, since, count, offset)
-    extra = [("_since", request.args["_since"])] if "_since" in request.args else []
-    return respond(bundles.history(base_url(), path, total, versions, count, offset, extra))
+        extra = [("_since", request.args["_since"])] if "_since" in request.args else []
+        return respond(bundles.history(base_url(), path, total, versions, count, offset, extra, gated(tx).outgoing))
 
 
 @bp.get("/<rtype>/_history")
