@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from fhir_iop import pipeline
@@ -91,12 +91,42 @@ def _wanted(claim_list: list[dict]) -> set[str]:
     return refs
 
 
+def disclosed_claims(records: IopRecords, payer_id: str, start: date, end: date, rules: PayerRules,
+                     ctx: MappingContext) -> tuple[Rollup, list[dict]]:
+    """Rollup → consent filter → Claims (one per client, program and coverage for the whole period)."""
+    r = disclosable(rollup(records, payer_id, start, end, rules), records, ctx.settings.part2_program)
+    return r, claims(r, records, ctx)
+
+
+def monthly_claims(records: IopRecords, payer_id: str, rules: PayerRules, ctx: MappingContext,
+                   since: date | None = None) -> list[dict]:
+    """The disclosed Claims of every calendar month with service days (from the month of ``since`` on):
+    what a Bulk Data export, which has no billing period of its own, sends. One rollup over the whole
+    span (the week rule looks across month ends anyway), split by month."""
+    days = [s.start.date() for s in records.group_sessions] + [c.start.date() for c in records.counseling_sessions]
+    if not days:
+        return []
+    first = max(min(days), since) if since else min(days)
+    start, end = first.replace(day=1), max(days)
+    if end < start:
+        return []
+    r = disclosable(rollup(records, payer_id, start, end, rules), records, ctx.settings.part2_program)
+    by_month: dict[tuple[int, int], list] = {}
+    for line in r.lines:
+        by_month.setdefault((line.day.year, line.day.month), []).append(line)
+    out = []
+    for (y, m), lines in sorted(by_month.items()):
+        m_start = date(y, m, 1)
+        m_end = (date(y + (m == 12), m % 12 + 1, 1) - timedelta(days=1))
+        out += claims(replace(r, start=m_start, end=m_end, lines=lines, short=[]), records, ctx)
+    return out
+
+
 def export(records: IopRecords, payer_id: str, start: date, end: date, rules: PayerRules,
            ctx: MappingContext) -> Export:
     """Rollup → consent filter → Claims, and the Encounters, Patients, Coverages and program Organizations
     they reference (mapped by fhir-iop's own mappings, so the ids match)."""
-    r = disclosable(rollup(records, payer_id, start, end, rules), records, ctx.settings.part2_program)
-    claim_list = claims(r, records, ctx)
+    r, claim_list = disclosed_claims(records, payer_id, start, end, rules, ctx)
     wanted = _wanted(claim_list)
     map_ctx = MappingContext(settings=ctx.settings, terminology=ctx.terminology)
 

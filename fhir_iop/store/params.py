@@ -24,7 +24,7 @@ from fhir_iop.errors import ConfigError
 #: the resource types fhir-iop emits or accepts, and so stores and serves
 RESOURCE_TYPES = ("Patient", "Practitioner", "Organization", "Coverage", "EpisodeOfCare", "Condition", "CareTeam",
                   "Encounter", "DiagnosticReport", "Observation", "Specimen", "MedicationRequest",
-                  "MedicationAdministration", "MedicationDispense", "CarePlan", "Goal", "Consent")
+                  "MedicationAdministration", "MedicationDispense", "CarePlan", "Goal", "Consent", "Group")
 #: parameter types the store indexes and searches (composite and special ones are left out)
 INDEXED_TYPES = ("token", "uri", "string", "date", "reference", "quantity", "number")
 #: parameters answered from the resource table itself
