@@ -312,11 +312,20 @@ def serve(host, port, database, demo):
     with app.extensions["fhir_iop"].store.reading() as tx:
         patients = tx.search(_first_patient(app)).matches
     pid = patients[0][1] if patients else "<id>"
+    auth = ""
+    if demo and not app.config.get("INSECURE_NO_AUTH"):  # a demo client and how to get its token
+        from fhir_iop.security.cli import DEMO_CLIENT, demo_client
+        key = demo_client(database)
+        exe = sys.argv[0] if Path(sys.argv[0]).name == "fhir-iop" else "fhir-iop"
+        click.echo(f"registered client '{DEMO_CLIENT}' (internal, admin, system/*.read); its key is {key}", err=True)
+        click.echo(f"  export TOKEN=$({exe} clients token {DEMO_CLIENT} --key {key} --server {base})"
+                   "   # valid 5 minutes", err=True)
+        auth = "-H \"Authorization: Bearer $TOKEN\" "
     click.echo(f"FHIR R4 server at {base}/ (store {_safe_url(database)}); for example:\n"
                f"  curl {base}/metadata\n"
-               f"  curl '{base}/Patient?_count=5'\n"
-               f"  curl '{base}/Encounter?patient=Patient/{pid}&date=ge2024-01-01&_sort=-date'\n"
-               f"  curl -H 'Accept: application/fhir+xml' '{base}/EpisodeOfCare?_include=EpisodeOfCare:patient'\n"
+               f"  curl {auth}'{base}/Patient?_count=5'\n"
+               f"  curl {auth}'{base}/Encounter?patient=Patient/{pid}&date=ge2024-01-01&_sort=-date'\n"
+               f"  curl {auth}-H 'Accept: application/fhir+xml' '{base}/EpisodeOfCare?_include=EpisodeOfCare:patient'\n"
                "Ctrl-C stops it.", err=True)
     app.run(host=host, port=port, threaded=True, use_reloader=False)
 
@@ -390,6 +399,8 @@ def agreement_cmd(fixtures, quiet):
 
 from fhir_iop.payer.cli import payer_group  # noqa: E402  (its module needs nothing from this one)
 main.add_command(payer_group)
+from fhir_iop.security.cli import clients_group  # noqa: E402
+main.add_command(clients_group)
 
 if __name__ == "__main__":
     main()
