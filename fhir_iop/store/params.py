@@ -24,7 +24,9 @@ from fhir_iop.errors import ConfigError
 #: the resource types fhir-iop emits or accepts, and so stores and serves
 RESOURCE_TYPES = ("Patient", "Practitioner", "Organization", "Coverage", "EpisodeOfCare", "Condition", "CareTeam",
                   "Encounter", "DiagnosticReport", "Observation", "Specimen", "MedicationRequest",
-                  "MedicationAdministration", "MedicationDispense", "CarePlan", "Goal", "Consent", "Group")
+                  "MedicationAdministration", "MedicationDispense", "CarePlan", "Goal", "Consent", "Group",
+                  # pulled from EHRs (fhir_iop.sync.pull): referrals, outside prescriptions
+                  "ServiceRequest", "MedicationStatement")
 #: parameter types the store indexes and searches (composite and special ones are left out)
 INDEXED_TYPES = ("token", "uri", "string", "date", "reference", "quantity", "number")
 #: parameters answered from the resource table itself
