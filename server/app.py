@@ -48,6 +48,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     errors.init_app(app)
     for module in (metadata, bundles, operations, resources):
         app.register_blueprint(module.bp)
+    from server import audit_hook
+    audit_hook.init_app(app)  # an AuditEvent for every request; /AuditEvent for admins; PHI-free logs
     from server.routes import export  # FHIR Bulk Data $export (bulk export engineer)
     app.register_blueprint(export.bp)
     from server import auth
