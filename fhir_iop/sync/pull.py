@@ -1,0 +1,319 @@
+"""Incremental pull from an EHR: nothing lost, nothing doubled, the cursor moved only with the data.
+
+    from fhir_iop.sync.pull import pull
+    result = pull(store, connection)            # every type the connection pulls; PullResult counts
+
+Per connection and resource type, ``sync_state.cursor`` holds the EHR's ``meta.lastUpdated`` up to
+which everything is stored. A run pages by that cursor itself (keyset paging)::
+
+    GET [base]/[type]?_lastUpdated=ge<cursor>&_sort=_lastUpdated&_count=<page size>
+
+and, after storing a page, asks again from the newest ``lastUpdated`` on it instead of following the
+EHR's ``next`` link. Offset-paged servers (``_offset`` in their next links; sekmet is one) shift
+their pages when a resource is updated during the paging — the resource moves to the end and the
+first one of the next page slides onto the page already read, and is never seen. Asking again from
+the cursor cannot skip anything. Only when a whole page carries the *same* ``lastUpdated`` as the
+cursor (more resources at one instant than a page holds) does the run follow ``next`` until the
+instant changes.
+
+``ge`` rather than ``gt``: several resources can share one instant, and a page can end in the
+middle of them; ``gt`` would lose the rest. What ``ge`` brings again is recognised: within a run
+by (id, versionId), across runs (a crash, a kill, the next schedule) because storing is idempotent
+— the pulled resource's id in our store is derived from the connection, type and EHR id, and an
+update with identical content is ``unchanged`` (no new version, no write hooks). A duplicated page
+(the EHR or a proxy sending the same page twice) is absorbed the same way.
+
+Each page is validated (structure) and stored in ONE store transaction
+``store.transaction(origin="sync:<connection>")`` that also moves the cursor, so a kill between
+pages loses nothing and the next run starts after the last committed page. The cursor only moves
+forward (the state row is locked and the newer of the two kept), so two pulls of the same
+connection at once do no harm.
+
+The EHR must honour ``_lastUpdated`` and ``_sort``: the connection sends ``Prefer:
+handling=strict`` (an EHR that does not know a parameter answers 400) and the first page's
+``Bundle.link[self]`` is checked; a parameter missing from it was ignored, and the pull of that
+type stops with an error saying so rather than mistaking the order.
+
+Ids and references (see :func:`localize`): a pulled resource is stored under
+``uuid5(connection, type, EHR id)`` — the EHR's ids may collide with ours or another EHR's — with
+the EHR id kept as an ``identifier`` (system ``[base]/[type]``, use ``secondary``) and
+``meta.source`` ``[base]/[type]/[id]/_history/[version]``. References to the EHR (``Type/id`` or
+``[base]/Type/id``) of a stored type are rewritten to the derived id, so they resolve here once the
+target is pulled too (in any order); references to types not stored here become absolute URLs at
+the EHR. A resource that fails structure validation is not stored (counted as ``invalid``, its
+id logged, the reason in the run's last error) and does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+from sqlalchemy import insert, select, update
+
+from fhir_iop.store.errors import Invalid, NotFound
+from fhir_iop.store.models import sync_run, sync_state
+from fhir_iop.store.params import RESOURCE_TYPES, split_reference
+from fhir_iop.store.repository import Store, Tx, now
+from fhir_iop.sync.client import EhrClient, EhrError
+from fhir_iop.sync.config import Connection
+
+log = logging.getLogger(__name__)
+
+#: namespace of the ids of pulled resources (uuid5 of "connection/type/ehr-id")
+NAMESPACE = uuid.UUID("6f0b7c8e-2a51-5b1e-9d6c-3f1e0a7b9c42")
+
+
+def local_id(connection: str, rtype: str, remote_id: str) -> str:
+    """Our id for the EHR's ``rtype/remote_id`` pulled over ``connection``."""
+    return str(uuid.uuid5(NAMESPACE, f"{connection}/{rtype}/{remote_id}"))
+
+
+def remote_system(connection: Connection, rtype: str) -> str:
+    """The identifier system under which a pulled resource keeps its EHR id."""
+    return f"{connection.base_url}/{rtype}"
+
+
+def parse_instant(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _rewrite_refs(node, connection: Connection, stored_types) -> None:
+    base = connection.base_url + "/"
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and not ref.startswith(("#", "urn:")):
+            local = not ref.startswith(("http://", "https://"))
+            if local or ref.startswith(base):
+                t, i = split_reference(ref if local else ref[len(base):])
+                if t and i:
+                    node["reference"] = f"{t}/{local_id(connection.name, t, i)}" if t in stored_types \
+                        else f"{base}{t}/{i}"
+        for k, v in node.items():
+            if k != "contained" and isinstance(v, (dict, list)):
+                _rewrite_refs(v, connection, stored_types)
+    elif isinstance(node, list):
+        for v in node:
+            _rewrite_refs(v, connection, stored_types)
+
+
+def localize(resource: dict, connection: Connection, stored_types=RESOURCE_TYPES) -> dict:
+    """The EHR's resource as we store it: our id, the EHR id as identifier and meta.source, references
+    to the EHR rewritten (see the module docstring). ``resource`` is not changed."""
+    res = orjson.loads(orjson.dumps(resource))
+    rtype, rid = res["resourceType"], str(res.get("id") or "")
+    meta = dict(res.get("meta") or {})
+    version = meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    meta["source"] = f"{connection.base_url}/{rtype}/{rid}" + (f"/_history/{version}" if version else "")
+    res["meta"] = meta
+    res["id"] = local_id(connection.name, rtype, rid)
+    _rewrite_refs({k: v for k, v in res.items() if k not in ("meta", "contained")}, connection, stored_types)
+    for c in res.get("contained") or ():  # contained resources' references to the EHR too
+        if isinstance(c, dict):
+            _rewrite_refs({k: v for k, v in c.items() if k != "meta"}, connection, stored_types)
+    system = remote_system(connection, rtype)
+    if _has_identifier(rtype):
+        ids = [i for i in res.get("identifier") or () if not (isinstance(i, dict) and i.get("system") == system)]
+        res["identifier"] = [*ids, {"use": "secondary", "system": system, "value": rid}]
+    return res
+
+
+_NO_IDENTIFIER = {"Bundle", "Binary", "Parameters", "OperationOutcome", "Provenance", "AuditEvent"}
+
+
+def _has_identifier(rtype: str) -> bool:
+    return rtype not in _NO_IDENTIFIER
+
+
+# -- state ------------------------------------------------------------------------------------------
+
+def read_state(tx_or_conn, connection: str, rtype: str, lock: bool = False):
+    conn = getattr(tx_or_conn, "conn", tx_or_conn)
+    stmt = select(sync_state).where(sync_state.c.connection == connection, sync_state.c.resource_type == rtype)
+    if lock:
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).first()
+
+
+def write_state(tx: Tx, connection: str, rtype: str, **values) -> None:
+    """Upsert the state row (inside the caller's transaction)."""
+    values["updated_at"] = now()
+    done = tx.conn.execute(update(sync_state).where(sync_state.c.connection == connection,
+                                                    sync_state.c.resource_type == rtype).values(**values))
+    if done.rowcount == 0:
+        tx.conn.execute(insert(sync_state).values(connection=connection, resource_type=rtype, **values))
+
+
+def _later(a: str | None, b: str | None) -> str | None:
+    """The later of two instants (as the EHR wrote them)."""
+    if a is None or b is None:
+        return a or b
+    return a if parse_instant(a) >= parse_instant(b) else b
+
+
+# -- storing ----------------------------------------------------------------------------------------
+
+@dataclass
+class PullResult:
+    """Counts per outcome (created, updated, unchanged, invalid, skipped), per type, and errors."""
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # type -> what went wrong (ids only)
+    pages: int = 0
+
+    def add(self, rtype: str, outcome: str, n: int = 1) -> None:
+        c = self.counts.setdefault(rtype, {})
+        c[outcome] = c.get(outcome, 0) + n
+
+    def total(self, outcome: str | None = None) -> int:
+        return sum(n for c in self.counts.values() for k, n in c.items() if outcome in (None, k))
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def as_json(self) -> dict:
+        return {"counts": self.counts, "errors": self.errors, "pages": self.pages}
+
+
+def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], result: PullResult,
+                types: tuple[str, ...] | None = None) -> None:
+    """Store pulled resources (localized, structure-validated) in ``tx``; invalid ones are counted."""
+    for res in resources:
+        rtype = res.get("resourceType")
+        if not isinstance(rtype, str) or not res.get("id") or rtype not in RESOURCE_TYPES or (
+                types is not None and rtype not in types):
+            result.add(str(rtype), "skipped")
+            continue
+        local = localize(res, connection)
+        try:
+            written = tx.update(rtype, local["id"], local)
+        except Invalid as e:
+            result.add(rtype, "invalid")
+            result.errors.setdefault(rtype, f"{rtype}/{res.get('id')} (EHR id) is not valid R4: {e}")
+            log.warning("sync %s: %s/%s (EHR id) not stored: not valid R4 (%d issue(s))", connection.name, rtype,
+                        res.get("id"), len(getattr(e, "issues", None) or ()))
+            continue
+        result.add(rtype, written.outcome)
+
+
+# -- incremental pull -------------------------------------------------------------------------------
+
+def _key(res: dict) -> tuple[str, str]:
+    return str(res.get("id")), str((res.get("meta") or {}).get("versionId", ""))
+
+
+def pull_type(store: Store, client: EhrClient, rtype: str, result: PullResult, max_pages: int | None = None) -> None:
+    """Pull one resource type until the EHR has nothing newer (see the module docstring)."""
+    connection = client.connection
+    with store.reading() as tx:
+        row = read_state(tx, connection.name, rtype)
+    cursor = row.cursor if row is not None and row.cursor else connection.since
+    seen: set[tuple[str, str]] = set()  # (id, version) stored in this run at the cursor instant
+    count = connection.page_size
+    pages = 0
+    while True:
+        params = [("_sort", "_lastUpdated"), ("_count", str(count))]
+        if cursor:
+            params.append(("_lastUpdated", f"ge{cursor}"))
+        search = client.search(rtype, params)
+        try:
+            page = next(search, None)
+            if page is not None and page.ignored:  # a glitch (a stale or duplicated page) or an EHR that ignores
+                search.close()
+                search = client.search(rtype, params)
+                page = next(search, None)
+            if page is None:
+                return
+            if page.ignored:
+                raise EhrError(200, f"{connection.name}: GET {rtype}: the EHR ignored "
+                                    f"{', '.join(sorted(page.ignored))}; an incremental pull needs _lastUpdated "
+                                    f"and _sort=_lastUpdated", transient=False)
+            while True:
+                matches = page.resources
+                fresh = [r for r in matches if _key(r) not in seen]
+                stamps = [(parse_instant((r.get("meta") or {}).get("lastUpdated")), (r.get("meta") or {}).get(
+                    "lastUpdated")) for r in matches]
+                stamps = [s for s in stamps if s[0] is not None]
+                newest = max(stamps)[1] if stamps else None
+                if stamps and cursor and parse_instant(cursor) and max(stamps)[0] < parse_instant(cursor):
+                    newest = None  # older than the cursor: an EHR that ignored ge (checked above) or a stale page
+                with store.transaction(origin=connection.origin) as tx:
+                    state = read_state(tx, connection.name, rtype, lock=True)
+                    store_batch(tx, connection, fresh, result, (rtype,))
+                    new_cursor = _later(state.cursor if state is not None else None, _later(cursor, newest))
+                    write_state(tx, connection.name, rtype, cursor=new_cursor, next_url=None)
+                pages += 1
+                result.pages += 1
+                moved = new_cursor != cursor and parse_instant(new_cursor) != parse_instant(cursor)
+                if moved:
+                    seen = {_key(r) for r in matches if (r.get("meta") or {}).get("lastUpdated") and parse_instant(
+                        r["meta"]["lastUpdated"]) == parse_instant(new_cursor)}
+                    cursor = new_cursor
+                else:
+                    seen.update(_key(r) for r in matches)
+                log.info("sync %s: %s page %d: %d resource(s), %d new", connection.name, rtype, pages, len(matches),
+                         len(fresh))
+                if max_pages is not None and pages >= max_pages:
+                    return
+                if not page.link("next") or not matches:
+                    return
+                if moved:
+                    break  # ask again from the new cursor (keyset paging)
+                # the whole page sits at the cursor instant: follow the EHR's paging through that instant
+                page = next(search, None)
+                if page is None:
+                    return
+        finally:
+            search.close()
+
+
+def pull(store: Store, connection: Connection, types: Iterable[str] | None = None, client: EhrClient | None = None,
+         max_pages: int | None = None) -> PullResult:
+    """Pull every type the connection pulls (or ``types``); one ``sync_run`` row records the run.
+    An error in one type is recorded and the other types still run."""
+    types = tuple(types or connection.pull_types)
+    unknown = [t for t in types if t not in RESOURCE_TYPES]
+    result = PullResult()
+    for t in unknown:
+        result.errors[t] = f"{t} is not a resource type stored here"
+    own = client is None
+    client = client or EhrClient(connection)
+    with store.transaction() as tx:
+        run_id = tx.conn.execute(insert(sync_run).values(connection=connection.name, direction="pull",
+                                                         started_at=now())).inserted_primary_key[0]
+    try:
+        for rtype in types:
+            if rtype in unknown:
+                continue
+            try:
+                pull_type(store, client, rtype, result, max_pages)
+            except EhrError as e:
+                result.errors[rtype] = e.message
+                log.warning("sync %s: pull of %s stopped: %s", connection.name, rtype, e.message)
+    finally:
+        if own:
+            client.close()
+        last_error = "; ".join(f"{t}: {m}" for t, m in result.errors.items()) or None
+        with store.transaction() as tx:
+            tx.conn.execute(update(sync_run).where(sync_run.c.id == run_id).values(
+                ended_at=now(), counts=orjson.dumps(result.as_json()).decode(), last_error=last_error))
+    return result
+
+
+def find_pulled(tx: Tx, connection: Connection, rtype: str, remote_id: str):
+    """Our stored copy of the EHR's ``rtype/remote_id`` (None if not pulled)."""
+    try:
+        return tx.read(rtype, local_id(connection.name, rtype, remote_id))
+    except NotFound:
+        return None
