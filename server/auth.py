@@ -161,8 +161,6 @@ def allowed(rt: str, interaction: str, access: Access | None = None) -> bool:
     if rt in ADMIN_ONLY_TYPES:
         if not access.admin or interaction in WRITES:
             return False
-    if rt != "*" and rt not in RESOURCE_TYPES and rt not in ADMIN_ONLY_TYPES:
-        return True  # an unknown type: the view answers 404, nothing is read or written
     return smart_scopes.allows(access.scopes, rt, interaction)
 
 
@@ -230,9 +228,28 @@ def _criteria() -> bool:
     return any(k not in ("_format", "_pretty") for k in request.args)
 
 
-def _export_rule(view_args):
-    types = [t for v in request.args.getlist("_type") for t in v.split(",") if t.strip()]
-    return [(t.strip(), "search") for t in types] or [("*", "search")]
+def _export_rule(view_args, default=("*",)):
+    """Bulk Data kick-off: ``s`` (and so, in v1 terms, read) on every type exported (``_type``, in
+    the query or a POSTed Parameters body, else the export's default types)."""
+    types = [t.strip() for v in request.args.getlist("_type") for t in v.split(",") if t.strip()]
+    if request.method == "POST" and not types:
+        try:
+            body = request.get_json(force=True, silent=True) or {}
+            types = [t.strip() for p in body.get("parameter") or () if p.get("name") == "_type"
+                     for t in str(p.get("valueString", "")).split(",") if t.strip()]
+        except Exception:  # the view answers bad bodies
+            types = []
+    needs = [(t, "search") for t in (types or default)]
+    if view_args.get("gid"):
+        needs.append(("Group", "read"))
+    return needs
+
+
+def _bulk_default(name: str):
+    def fn(view_args):
+        from fhir_iop.bulk import runner
+        return _export_rule(view_args, getattr(runner, name))
+    return fn
 
 
 def _params():
@@ -258,4 +275,12 @@ RULES.update({
     "bundles.batch_or_transaction": lambda a: None,  # each entry: check_entry
     "operations.validate_type": lambda a: [(a["rtype"], "$validate")],
     "operations.load_iop": lambda a: [("*", "$load-iop")],
+    # Bulk Data export (server/routes/export.py): kick-off by exported types; status, manifest, files
+    # and cancel belong to the job's client (the view checks that)
+    "export.group_export": _bulk_default("GROUP_TYPES"),
+    "export.patient_export": _bulk_default("PATIENT_TYPES"),
+    "export.system_export": _bulk_default("SYSTEM_TYPES"),
+    "export.status": lambda a: None,
+    "export.cancel": lambda a: None,
+    "export.download": lambda a: None,
 })

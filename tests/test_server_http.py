@@ -127,17 +127,26 @@ def _stop(proc: subprocess.Popen) -> None:
                     reason="gunicorn is not installed in this environment")
 def test_gunicorn_serves_the_documented_command(tmp_path):
     port = free_port()
-    env = {**os.environ, "FHIR_IOP_DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}"}
+    from fhir_iop.security import clients, keys, tokens
+    from fhir_iop.store import Store
+    url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    store = Store(url)  # a client registered in the store; both workers verify the token with the store's key
+    clients.register(store, "ops", scopes="system/Patient.cruds", jwks=keys.jwks_of(keys.generate("ES384")))
+    auth = {"Authorization": "Bearer " + tokens.issue("ops", "system/Patient.cruds", store=store)}
+    store.dispose()
+    env = {**os.environ, "FHIR_IOP_DATABASE_URL": url}
     cmd = [str(Path(sys.executable).parent / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}",
            "server:create_app()"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         r = _wait_for(f"http://127.0.0.1:{port}/metadata", proc)
         assert r.status_code == 200 and r.json()["resourceType"] == "CapabilityStatement"
-        r = requests.post(f"http://127.0.0.1:{port}/Patient", json={"resourceType": "Patient", "gender": "other"},
-                          timeout=10)
+        patient = {"resourceType": "Patient", "gender": "other"}
+        assert requests.post(f"http://127.0.0.1:{port}/Patient", json=patient, timeout=10).status_code == 401
+        r = requests.post(f"http://127.0.0.1:{port}/Patient", json=patient, headers=auth, timeout=10)
         assert r.status_code == 201
-        assert requests.get(r.headers["Location"], timeout=10).json()["gender"] == "other"
+        for _ in range(4):  # whichever worker answers
+            assert requests.get(r.headers["Location"], headers=auth, timeout=10).json()["gender"] == "other"
     finally:
         _stop(proc)
 
@@ -149,10 +158,19 @@ def test_serve_demo_loads_the_clinic_and_serves_it(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         r = _wait_for(f"http://127.0.0.1:{port}/Patient?_summary=count", proc, 120)
+        assert r.status_code == 401  # authorization is on in the demo too
+        # the demo registered a client and wrote its key under var/: get a token as the output says
+        token = subprocess.run([str(exe), "clients", "token", "demo", "--key", "var/demo-client.pem", "--server",
+                                f"http://127.0.0.1:{port}"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert token.returncode == 0, token.stderr
+        auth = {"Authorization": f"Bearer {token.stdout.strip()}"}
+        r = requests.get(f"http://127.0.0.1:{port}/Patient?_summary=count", headers=auth, timeout=10)
         assert r.status_code == 200 and r.json()["total"] == 25
-        enc = requests.get(f"http://127.0.0.1:{port}/Encounter?_count=1&_include=Encounter:patient", timeout=10).json()
+        enc = requests.get(f"http://127.0.0.1:{port}/Encounter?_count=1&_include=Encounter:patient", headers=auth,
+                           timeout=10).json()
         assert enc["total"] > 100
     finally:
         _stop(proc)
     out = proc.stdout.read().decode()
     assert f"http://127.0.0.1:{port}/" in out and "curl" in out
+    assert "clients token demo --key var/demo-client.pem" in out and 'Authorization: Bearer $TOKEN' in out
