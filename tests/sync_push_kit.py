@@ -54,3 +54,89 @@ def rows(conn_or_store, **where) -> list:
         return list(conn_or_store.execute(stmt))
     with conn_or_store.reading() as tx:
         return list(tx.conn.execute(stmt))
+
+
+def mrn_of(patient: dict) -> str:
+    return patient["identifier"][0]["value"] if isinstance(patient.get("identifier"), list) else None
+
+
+def patient_ids(mrns) -> set[str]:
+    return {p["id"] for p in of_type("Patient") if any(i.get("value") in mrns for i in p.get("identifier", []))}
+
+
+def about(res: dict, pids: set[str]) -> bool:
+    from fhir_iop.disclosure import patient_of
+    return patient_of(res) in pids
+
+
+def load(store, resources, origin: str | None = None) -> None:
+    with store.transaction(origin=origin) as tx:
+        tx.put_many(resources, validate=False)
+
+
+def load_clinic_base(store) -> None:
+    """Patients, programs, counselors and the Part 2 consents (nothing that the tests push)."""
+    load(store, [r for r in clinic() if r["resourceType"] in ("Patient", "Organization", "Practitioner", "Consent")])
+
+
+class FakeEhr:
+    """A FHIR server behind ``responses``: conditional update / delete by identifier, counted.
+
+    ``faults``: what the next requests get instead of a normal answer, in order: an int status
+    (with ``Retry-After`` from ``retry_after``), ``"timeout"``, or ``(status, OperationOutcome)``."""
+
+    def __init__(self, rsps, base: str = "http://ehr.test/fhir"):
+        import re
+        import threading
+        self.base, self.lock = base, threading.Lock()
+        self.records: dict[tuple[str, str], dict] = {}  # (type, system|value) -> resource
+        self.writes: dict[tuple[str, str], int] = {}  # (type, system|value) -> PUTs received
+        self.requests: list[tuple[str, str, str]] = []  # (method, type, identifier)
+        self.faults: list = []
+        self.retry_after = "120"
+        pattern = re.compile(re.escape(base) + r"/(\w+)(\?.*)?$")
+        rsps.add_callback("PUT", pattern, callback=self._put)
+        rsps.add_callback("DELETE", pattern, callback=self._delete)
+
+    def _parse(self, request):
+        from urllib.parse import parse_qs, urlsplit
+        u = urlsplit(request.url)
+        return u.path.rsplit("/", 1)[1], parse_qs(u.query).get("identifier", [""])[0]
+
+    def _fault(self):
+        import orjson
+        import requests
+        if not self.faults:
+            return None
+        f = self.faults.pop(0)
+        if f == "timeout":
+            raise requests.exceptions.ReadTimeout("read timed out (injected)")
+        if isinstance(f, tuple):
+            return f[0], {}, orjson.dumps(f[1])
+        return f, {"Retry-After": self.retry_after}, b""
+
+    def _put(self, request):
+        import orjson
+        rt, ident = self._parse(request)
+        with self.lock:
+            self.requests.append(("PUT", rt, ident))
+            fault = self._fault()
+            if fault:
+                return fault
+            key = (rt, ident)
+            created = key not in self.records
+            self.records[key] = orjson.loads(request.body)
+            self.writes[key] = self.writes.get(key, 0) + 1
+            n = len(self.records)
+        return (201 if created else 200), {"Location": f"{self.base}/{rt}/r{n}/_history/{self.writes[key]}",
+                                           "ETag": f'W/"{self.writes[key]}"'}, b""
+
+    def _delete(self, request):
+        rt, ident = self._parse(request)
+        with self.lock:
+            self.requests.append(("DELETE", rt, ident))
+            fault = self._fault()
+            if fault:
+                return fault
+            gone = self.records.pop((rt, ident), None)
+        return (204 if gone else 404), {}, b""
