@@ -284,3 +284,23 @@ RULES.update({
     "export.cancel": lambda a: None,
     "export.download": lambda a: None,
 })
+
+
+def capability_security(base: str) -> dict:
+    """``CapabilityStatement.rest.security``: SMART on FHIR (service code from the R4 binding
+    http://terminology.hl7.org/CodeSystem/restful-security-service) and the SMART ``oauth-uris``
+    extension (https://hl7.org/fhir/smart-app-launch/, "Conformance") with the token endpoint; there
+    is no ``authorize`` endpoint (backend services only), which SMART 2 discovers through
+    /.well-known/smart-configuration anyway."""
+    token = (current_app.config.get("TOKEN_URL") if current_app else None) or base + "/auth/token"
+    return {
+        "cors": False,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "SMART-on-FHIR"}],
+                     "text": "SMART Backend Services: client_credentials with a signed JWT assertion (RS384/ES384)"}],
+        "description": "Every interaction needs a bearer token; SMART v1 and v2 system/ scopes are enforced per "
+                       "interaction and resource type (see /.well-known/smart-configuration). 42 CFR Part 2 "
+                       "records leave only under a consent covering the client's recipient and purpose.",
+        "extension": [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                       "extension": [{"url": "token", "valueUri": token}]}],
+    }

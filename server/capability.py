@@ -12,6 +12,7 @@ from fhir_iop.fhir.r4 import FHIR_VERSION
 from fhir_iop.store.params import RESOURCE_TYPES, Registry
 from fhir_iop.store.repository import instant, now
 from fhir_iop.terminology import CANONICAL
+from server.auth import capability_security
 
 INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
 RESULT_PARAMS = [
@@ -80,6 +81,7 @@ def capability_statement(registry: Registry, base: str) -> dict:
         "patchFormat": [],
         "rest": [{
             "mode": "server",
+            "security": capability_security(base),
             "documentation": "Unknown search parameters are ignored and reported in the searchset (Prefer: "
                              "handling=lenient, the default) or rejected with 400 (handling=strict). Prefer: "
                              "return=minimal|representation|OperationOutcome is honoured on writes. Chained "
