@@ -203,6 +203,7 @@ _database_opt = click.option("--database", "database", envvar="FHIR_IOP_DATABASE
 
 def _store(database: str, migrate: bool = True):
     from fhir_iop.store import Store
+    from fhir_iop.sync import outbox  # noqa: F401  (writes queue for the EHRs of $FHIR_IOP_SYNC_CONFIG)
     return Store(database, migrate=migrate)
 
 
@@ -401,6 +402,8 @@ from fhir_iop.payer.cli import payer_group  # noqa: E402  (its module needs noth
 main.add_command(payer_group)
 from fhir_iop.security.cli import clients_group  # noqa: E402
 main.add_command(clients_group)
+from fhir_iop.sync.cli import sync_group  # noqa: E402
+main.add_command(sync_group)
 
 if __name__ == "__main__":
     main()

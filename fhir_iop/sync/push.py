@@ -422,3 +422,38 @@ def dead_letters(store, connection: str | None = None, limit: int = 100) -> list
         return [{"id": r.id, "connection": r.connection, "resource": f"{r.resource_type}/{r.resource_id}",
                  "version": r.version_id, "operation": r.operation, "attempts": r.attempts,
                  "error": r.last_error, "updated": r.updated_at.isoformat() + "Z"} for r in tx.conn.execute(stmt)]
+
+
+def status(store, connections: dict | None = None, connection: str | None = None, dead_limit: int = 20) -> dict:
+    """Per connection: message counts per state, pull cursors and bulk job state per type, the last
+    run of each direction (start, end, counts, last error), the oldest dead letters. Connections
+    that appear only in the store (no longer configured) are listed too."""
+    from fhir_iop.store.models import sync_state
+    per_state = counts(store, connection)
+    names = set(per_state) | set(connections or {})
+    with store.reading() as tx:
+        states = list(tx.conn.execute(select(sync_state).order_by(sync_state.c.connection, sync_state.c.resource_type)))
+        runs = list(tx.conn.execute(select(sync_run).where(
+            sync_run.c.id.in_(select(func.max(sync_run.c.id)).group_by(sync_run.c.connection, sync_run.c.direction)))))
+    names |= {s.connection for s in states} | {r.connection for r in runs}
+    if connection:
+        names &= {connection}
+    out = {}
+    for name in sorted(names):
+        conn = (connections or {}).get(name)
+        out[name] = {
+            "configured": conn is not None,
+            "push_types": list(conn.push_types) if conn else [],
+            "pull_types": list(conn.pull_types) if conn else [],
+            "messages": per_state.get(name, dict.fromkeys(STATES, 0)),
+            "cursors": {s.resource_type: {"cursor": s.cursor, "next": bool(s.next_url),
+                                          "bulk": s.bulk_state, "updated": s.updated_at.isoformat() + "Z"}
+                        for s in states if s.connection == name},
+            "runs": {r.direction: {"started": r.started_at.isoformat() + "Z",
+                                   "ended": r.ended_at.isoformat() + "Z" if r.ended_at else None,
+                                   "counts": orjson.loads(r.counts) if r.counts else None,
+                                   "last_error": r.last_error}
+                     for r in runs if r.connection == name},
+            "dead_letters": dead_letters(store, name, dead_limit),
+        }
+    return out
