@@ -205,6 +205,7 @@ def _ref_from_url(url: str) -> str | None:
 
 def classify(method: str, path: str) -> tuple[str, list[str], str | None, str | None]:
     """(action, extra subtypes, resource type, Type/id) of a REST request."""
+    path = "".join(c if c.isprintable() else "\ufffd" for c in path)  # a refused NUL path (400) is still audited
     segs = [s for s in path.split("/") if s]
     rt = segs[0] if segs and segs[0][:1].isupper() else None
     ref = f"{segs[0]}/{segs[1]}" if rt and len(segs) >= 2 and not segs[1].startswith(("_", "$")) else None

