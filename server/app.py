@@ -56,6 +56,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     from server.routes import smart
     app.register_blueprint(smart.bp)
     auth.init_app(app)  # bearer token and scopes of every request (server/auth.py)
+    from server.routes import sync  # EHR sync: $push/$pull, status, dead letters (sync-push engineer)
+    sync.init_app(app)
     from server import formats
     formats.init_app(app)  # keep last: input checks run after authorization (401 before 400/406)
     return app
