@@ -317,8 +317,10 @@ class FaultProxy:
             self._send(h, fault.status, headers, payload, method, path, kind)
             return
         if fault and fault.kind == "hang":
+            with self._lock:
+                self.log.append((method, path, None, kind))
             self._stop.wait(fault.seconds)
-            self._reset(h, method, path, kind)
+            self._reset(h, method, path, None)
             return
         if fault and fault.kind == "reset":
             self._reset(h, method, path, kind)
@@ -377,8 +379,9 @@ class FaultProxy:
 
     def _reset(self, h, method, path, kind):
         """Close the connection with a TCP reset (SO_LINGER 0) and no answer."""
-        with self._lock:
-            self.log.append((method, path, None, kind))
+        if kind is not None:
+            with self._lock:
+                self.log.append((method, path, None, kind))
         try:
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.connection.close()

@@ -239,8 +239,9 @@ def connection(name: str, raw: dict, where: str = "connections") -> Connection:
         bulk=dict(raw.get("bulk") or {}))
 
 
-def parse(data: Any, where: str = "connections") -> dict[str, Connection]:
-    """Connections from the parsed file (``{"connections": {name: {...}}}``)."""
+def parse(data: Any, source: str | None = None) -> dict[str, Connection]:
+    """Connections from the parsed file (``{"connections": {name: {...}}}``); ``source`` names the file."""
+    where = f"{source}: connections" if source else "connections"
     if not isinstance(data, dict) or not isinstance(data.get("connections"), dict):
         raise ConfigError(f"{where}: the file needs a 'connections' mapping of name to connection")
     out = {}
