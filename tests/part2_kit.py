@@ -59,17 +59,23 @@ def clinic_url(request, tmp_path_factory):
         pg.close()
 
 
-@pytest.fixture(scope="module")
-def part2_app(clinic_url):
+def make_app(url: str):
+    """An app whose requests act as ``ACCESS[X-Test-Access header]`` (default: internal)."""
     from flask import g, request
 
     from server import create_app
-    app = create_app({"DATABASE_URL": clinic_url, "TESTING": True, "INSECURE_NO_AUTH": True})
+    app = create_app({"DATABASE_URL": url, "TESTING": True, "INSECURE_NO_AUTH": True})
 
     @app.before_request
     def act_as():  # runs after the authorization layer (registered first)
         g.access = ACCESS[request.headers.get("X-Test-Access", "internal")]
 
+    return app
+
+
+@pytest.fixture(scope="module")
+def part2_app(clinic_url):
+    app = make_app(clinic_url)
     yield app
     app.extensions["fhir_iop"].store.dispose()
 
