@@ -67,6 +67,8 @@ class _Report:
 @click.version_option(__version__, prog_name="fhir-iop")
 def main():
     """IOP records ⇄ HL7 FHIR R4."""
+    from fhir_iop.audit.logs import install
+    install()  # PHI-free logs (query strings and exception messages withheld)
 
 
 @main.group("map")

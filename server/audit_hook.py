@@ -18,16 +18,14 @@ search, ...), so ``subtype``, ``action`` and ``entity`` are right per event and 
 ``subtype=create`` or ``entity=…`` search finds it; the entries of one Bundle share the request
 id (BALP ``XrequestId`` entity) and carry the ``transaction``/``batch`` subtype.
 
-Logs: werkzeug's request log line keeps the path but not the query string (search parameters
-such as ``name=`` or ``identifier=`` are PHI), and logged exceptions keep their type and stack
-frames but not their message or local values (:class:`PhiSafeLogFilter`).
+Logs: ``init_app`` installs :mod:`fhir_iop.audit.logs` (werkzeug's request line without its query
+string; logged exceptions without their message).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import traceback
 import uuid
 from urllib.parse import parse_qsl, urlsplit
 
@@ -36,6 +34,7 @@ from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
 from fhir_iop.audit import AUDIT_TYPE, Entity, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
 from fhir_iop.store import NotFound, search
 from fhir_iop.store.models import resource
@@ -407,56 +406,7 @@ def audit_response(response):
     return response
 
 
-# -- PHI-free logs ------------------------------------------------------------------------------------
-
-class PhiSafeLogFilter(logging.Filter):
-    """Drops what may carry PHI from a log record: the query string of werkzeug's request line, and the
-    message and locals of a logged exception (its type and stack frames are kept)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "werkzeug" and record.args:
-            record.args = tuple(_strip_query(a) if isinstance(a, str) else a for a in record.args)
-        if record.exc_info and record.exc_info[0] is not None:
-            etype, _, tb = record.exc_info
-            frames = "".join(traceback.format_list(traceback.extract_tb(tb)))
-            record.msg = f"{record.getMessage()}\nTraceback (message withheld: may hold PHI):\n{frames}" \
-                         f"{etype.__module__}.{etype.__qualname__}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _strip_query(s: str) -> str:
-    """``GET /Patient?name=x HTTP/1.1`` → ``GET /Patient?… HTTP/1.1``."""
-    if "?" not in s:
-        return s
-    head, _, tail = s.partition("?")
-    rest = tail.split(" ", 1)
-    return f"{head}?[query withheld]" + (f" {rest[1]}" if len(rest) > 1 else "")
-
-
-_FILTER = PhiSafeLogFilter()
-#: loggers whose records are scrubbed as they are made (children included: ``fhir_iop.bulk``...)
-SCRUBBED = ("werkzeug", "fhir_iop", "server", "gunicorn")
-
-
-def install_log_filters(app: Flask | None = None) -> None:
-    """Scrubs every record of the application's loggers and werkzeug's at creation (a record factory,
-    so child loggers and every handler are covered, not only the handlers of one logger)."""
-    base = logging.getLogRecordFactory()
-    if getattr(base, "fhir_iop_scrub", False):
-        return
-
-    def factory(*args, **kwargs):
-        rec = base(*args, **kwargs)
-        if rec.name.split(".", 1)[0] in SCRUBBED:
-            _FILTER.filter(rec)
-        return rec
-
-    factory.fhir_iop_scrub = True
-    logging.setLogRecordFactory(factory)
-
+# -- PHI-free logs: fhir_iop.audit.logs ----------------------------------------------------------------
 
 def _auth_rules() -> None:
     """The authorization layer's rules for the AuditEvent endpoints: read/search need ``r``/``s`` on
@@ -476,12 +426,11 @@ def _auth_rules() -> None:
 
 
 def init_app(app: Flask) -> None:
-    install_log_filters(app)
+    install_log_filters()
     _auth_rules()
     app.register_blueprint(bp)
     app.after_request(audit_response)
 
 
 # base64 is imported for callers that decode entity.query in tests and tools
-__all__ = ["PhiSafeLogFilter", "audit_response", "base64", "bp", "classify", "events_for", "init_app",
-           "install_log_filters", "request_id"]
+__all__ = ["audit_response", "base64", "bp", "classify", "events_for", "init_app", "request_id"]
