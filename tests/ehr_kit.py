@@ -20,7 +20,7 @@ Tests skip cleanly when the ``sekmet`` command is not installed.
 rewriting the upstream's base URL into its own in bodies and Location headers (as a reverse proxy
 does). Its plan is a list of :class:`Fault` consumed in order by the requests they ``match``
 (``"METHOD path-prefix"`` or a callable): ``status`` (answer with a status, e.g. 429 + Retry-After,
-500, 503, without forwarding), ``hang`` (wait ``seconds`` then close: a timeout), ``broken``
+500, 503, without forwarding), ``hang`` (wait ``seconds`` then close: a timeout), ``delay`` (wait ``seconds``, then forward), ``broken``
 (forward, then send a truncated JSON body), ``duplicate`` (answer a page request with the previous
 page served for the same resource type again), ``reset`` (close the connection without an
 answer, before forwarding) and ``lose`` (forward — the EHR does the work — then reset: the answer
@@ -192,7 +192,7 @@ def sekmet_ehr(tmp_path):
 @dataclass
 class Fault:
     """One planned fault (see the module docstring for the kinds)."""
-    kind: str  # status | hang | broken | duplicate | reset | lose
+    kind: str  # status | hang | delay | broken | duplicate | reset | lose
     status: int = 500
     retry_after: float | str | None = None
     seconds: float = 5.0
@@ -322,6 +322,8 @@ class FaultProxy:
             self._stop.wait(fault.seconds)
             self._reset(h, method, path, None)
             return
+        if fault and fault.kind == "delay":  # a slow EHR: wait, then forward as usual
+            self._stop.wait(fault.seconds)
         if fault and fault.kind == "reset":
             self._reset(h, method, path, kind)
             return
