@@ -309,3 +309,23 @@ def test_disclosures_name_their_consent_and_emergencies_are_flagged(part2_app): 
     assert [x for x in er["entity"] if x.get("what", {}).get("reference") == f"Encounter/{enc}"][0]["detail"][0][
         "type"] == "emergency"
     assert ACCESS["emergency"].emergency
+
+
+def test_the_database_refuses_to_change_or_drop_an_auditevent(secured_app):
+    from sqlalchemy import delete, update
+    from sqlalchemy.exc import DBAPIError
+
+    from fhir_iop.store.models import resource
+    store = secured_app.extensions["fhir_iop"].store
+    eid = record(store, Access("probe"), "read", 0, entities=["Patient/p"])
+    for stmt in (update(resource).where(resource.c.id == eid).values(body="{}"),
+                 delete(resource).where(resource.c.id == eid)):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with store.transaction() as tx:
+                tx.conn.execute(stmt)
+    with store.transaction() as tx:  # other resources are written as ever
+        w = tx.create(ALICE)
+        tx.update("Patient", w.stored.id, {**ALICE, "id": w.stored.id, "gender": "other"})
+        tx.delete("Patient", w.stored.id)
+    with store.reading() as tx:
+        assert tx.conn.execute(resource.select().where(resource.c.id == eid)).first().type == "AuditEvent"
