@@ -100,10 +100,12 @@ def _library_error(e: Exception) -> bool:
 
 def run(store, connections: dict, direction: str = "push", once: bool = True, poll: float = 5.0,
         stop: threading.Event | None = None, worker: str | None = None, bulk: bool = False) -> Pass:
-    """One pass (``once``), or passes until ``stop`` is set; the last pass's summary."""
+    """One pass (``once``), or passes until ``stop`` is set; the summary of all passes (counts
+    added up, the last error of each connection)."""
     stop = stop or threading.Event()
     worker = worker or push_mod.worker_id()
     last_pull: dict[str, float] = {}
+    total = Pass()
     while True:
         if direction == "push":
             result = push_pass(store, connections, worker)
@@ -116,5 +118,8 @@ def run(store, connections: dict, direction: str = "push", once: bool = True, po
             for n in due:
                 last_pull[n] = time.monotonic()
             wait = min([poll, *(c.interval for c in connections.values())])
+        for name, c in result.counts.items():
+            total.counts.setdefault(name, Counter()).update(c)
+        total.errors.update(result.errors)
         if once or stop.wait(wait):
-            return result
+            return total
