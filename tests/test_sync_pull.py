@@ -74,7 +74,7 @@ def connection(base_url: str, **kw) -> object:
 def identifiers(store: Store, types=PULLED) -> Counter:
     """How many stored resources carry each seeded identifier (system|value)."""
     c = Counter()
-    with store.reading() as tx:
+    with store.reading(snapshot=True) as tx:  # iter_current streams (a server-side cursor on PostgreSQL)
         for s in tx.iter_current(types):
             for ident in s.resource.get("identifier", ()):
                 if ident.get("system") in (MRN, BUSINESS):
