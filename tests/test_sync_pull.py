@@ -19,7 +19,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ehr_kit import Fault, FaultProxy, Sekmet, http_request
-from server_kit import db_url  # noqa: F401  (fixture: SQLite and PostgreSQL)
+from server_kit import db_url, secured_app  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 from fhir_iop.store import Store
 from fhir_iop.sync.bulk import bulk_pull
@@ -338,3 +338,38 @@ def test_smart_backend_services_token_exchange_end_to_end(alg, tmp_path, monkeyp
         with pytest.raises(EhrError) as e:
             list(EhrClient(conn).search("Patient"))
         assert e.value.status == 401 and "verification failed" in e.value.message
+
+
+def test_smart_backend_services_against_fhir_iops_own_token_endpoint(secured_app, tmp_path, monkeypatch):
+    """fhir-iop pulling from another fhir-iop: its token endpoint verifies the assertion's signature
+    against the JWKS registered for the client, and its API takes only the token it issued."""
+    from server_kit import LiveServer
+
+    from fhir_iop.security import clients
+    remote = secured_app.extensions["fhir_iop"].store
+    pem, jwk = _keypair("ES384")
+    clients.register(remote, "iop-puller", scopes="system/Patient.rs", jwks={"keys": [jwk]})
+    with remote.transaction() as tx:
+        for r in seed_records(3):
+            if r["resourceType"] == "Patient":
+                tx.update("Patient", r["id"], r)
+    monkeypatch.setenv("EHR_KEY", pem)
+    auth = {"type": "smart-backend", "client_id": "iop-puller", "private_key_env": "EHR_KEY", "alg": "ES384",
+            "kid": "iop-1", "scopes": ["system/Patient.rs"]}
+    local = Store(f"sqlite:///{tmp_path / 'local.sqlite'}")
+    try:
+        with LiveServer(secured_app) as live:
+            status, _, _ = http_request("GET", f"{live.url}/Patient")
+            assert status == 401
+            conn = connection(live.url, auth=auth, resources={"Patient": "pull"})
+            client = EhrClient(conn)
+            result = pull(local, conn, client=client)
+            assert result.ok, result.errors
+            assert result.counts["Patient"] == {"created": 3} and client.auth.fetched == 1
+            monkeypatch.setenv("EHR_KEY", _keypair("ES384")[0])  # a key the server does not know for this client
+            with pytest.raises(EhrError) as e:
+                EhrClient(conn).read("Patient", "pt0")
+            assert e.value.status in (400, 401)
+    finally:
+        local.dispose()
+    assert identifiers(local, ("Patient",)) == Counter({f"Patient:MRN{i:05d}": 1 for i in range(3)})
