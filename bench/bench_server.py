@@ -124,6 +124,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: the Authorization header of a read-all client (set by ``authorize``): the facade's figures include
+#: checking its token and scopes on every request, as in production
+AUTH: dict = {}
+
+
+def authorize(app) -> None:
+    """Register a ``system/*.read`` client in the app's store and send its token with every request."""
+    from flask.testing import FlaskClient
+
+    from fhir_iop.security import clients, keys
+    cid = f"bench-{uuid.uuid4().hex[:8]}"
+    clients.register(app.extensions["fhir_iop"].store, cid, scopes="system/*.read",
+                     jwks=keys.jwks_of(keys.generate("ES384")))
+    AUTH["Authorization"] = "Bearer " + app.extensions["fhir_iop_auth"].issue(cid, "system/*.read", lifetime=3600)
+
+    class Client(FlaskClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.environ_base["HTTP_AUTHORIZATION"] = AUTH["Authorization"]
+
+    app.test_client_class = Client
+
+
 def read_ratio(app, pid: str, n: int) -> dict:
     body = app.test_client().get(f"/Patient/{pid}").data
     bare = Flask("bare")
@@ -157,7 +180,7 @@ def read_ratio(app, pid: str, n: int) -> dict:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if requests.get(url, timeout=5).status_code == 200:
+                    if requests.get(url, timeout=5, headers=AUTH).status_code == 200:
                         break
                 except requests.RequestException:
                     pass
@@ -165,6 +188,7 @@ def read_ratio(app, pid: str, n: int) -> dict:
                     raise RuntimeError(f"gunicorn {app_spec} did not answer")
                 time.sleep(0.2)
             with requests.Session() as s:
+                s.headers.update(AUTH)
                 for _ in range(50):
                     s.get(url)
                 started = time.perf_counter()
@@ -231,6 +255,7 @@ def run_backend(name: str, n: int, reads: int) -> dict:
         url = f"{PG}?options=-csearch_path%3D{schema}"
     try:
         app = create_app({"DATABASE_URL": url})
+        authorize(app)
         store = app.extensions["fhir_iop"].store
         secs = bulk_load(store, n)
         result = {"load_s": secs, "resources": store_count(store)}

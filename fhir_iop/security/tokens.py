@@ -27,8 +27,10 @@ registered client, whose registration gives recipient, purpose and admin; its ``
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,6 +43,7 @@ from fhir_iop.security.keys import CLIENT_ALGS, ServerKeys
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_SECONDS = 300  # "exp ... no more than five minutes in the future"
 LEEWAY = 30  # clock skew tolerated, seconds
+CHECKED_TOKENS = 4096  # signature checks remembered (per process)
 EXTERNAL_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384")
 
 
@@ -77,6 +80,9 @@ class Authority:
         self.keys = ServerKeys(store, key_file, alg)
         self.jwks_url, self.external_issuer, self.external_audience = jwks_url, external_issuer, external_audience
         self._jwk_clients: dict[str, jwt.PyJWKClient] = {}
+        #: tokens whose signature and claims were checked: token → (claims, client_id, scope), until exp
+        self._checked: OrderedDict[str, tuple[dict, str, object]] = OrderedDict()
+        self._checked_lock = threading.Lock()
 
     # -- issuing -------------------------------------------------------------------------------------
 
@@ -192,7 +198,24 @@ class Authority:
     # -- verifying bearer tokens --------------------------------------------------------------------
 
     def verify(self, token: str) -> Verified:
-        """The registered client and granted scopes of a bearer token, or InvalidToken."""
+        """The registered client and granted scopes of a bearer token, or InvalidToken. The signature
+        check is remembered until the token expires; the client's registration is read every time."""
+        with self._checked_lock:
+            hit = self._checked.get(token)
+        if hit is not None and hit[0]["exp"] + LEEWAY < time.time():
+            raise InvalidToken("the bearer token has expired")
+        claims, client_id, scope = hit if hit is not None else self._check_signature(token)
+        if not isinstance(client_id, str) or not client_id:
+            raise InvalidToken("the bearer token names no client")
+        client = registry.get(self.store, client_id)
+        if client is None or not client.active:
+            raise InvalidToken("the bearer token's client is not registered or is disabled")
+        if isinstance(scope, list):
+            scope = " ".join(str(s) for s in scope)
+        granted = smart_scopes.ScopeSet(scope if isinstance(scope, str) else "", limit=client.scope_set)
+        return Verified(client, granted, claims)
+
+    def _check_signature(self, token: str) -> tuple[dict, object, object]:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -217,15 +240,12 @@ class Authority:
             raise InvalidToken(f"the authorization server's keys cannot be read: {e}") from None
         except jwt.PyJWTError as e:
             raise InvalidToken(f"the bearer token is not valid: {e}") from None
-        if not isinstance(client_id, str) or not client_id:
-            raise InvalidToken("the bearer token names no client")
-        client = registry.get(self.store, client_id)
-        if client is None or not client.active:
-            raise InvalidToken("the bearer token's client is not registered or is disabled")
-        if isinstance(scope, list):
-            scope = " ".join(str(s) for s in scope)
-        granted = smart_scopes.ScopeSet(scope if isinstance(scope, str) else "", limit=client.scope_set)
-        return Verified(client, granted, claims)
+        if isinstance(claims.get("exp"), (int, float)):
+            with self._checked_lock:
+                self._checked[token] = (claims, client_id, scope)
+                while len(self._checked) > CHECKED_TOKENS:
+                    self._checked.popitem(last=False)
+        return claims, client_id, scope
 
     def _verify_external(self, token: str, header: dict) -> dict:
         alg = header.get("alg")
