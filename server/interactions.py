@@ -122,11 +122,11 @@ def create(tx: Tx, rt: str, res: dict, if_none_exist: str | None = None, rid: st
     w = tx.create(res, if_none_exist, rid)
     if w.outcome == "exists":
         return Result(200, outgoing(tx, w.stored), message=f"{rt}/{w.stored.id} matches If-None-Exist; nothing created")
-    return Result(201, w.stored, message=f"created {rt}/{w.stored.id} version {w.stored.version_id}")
+    return Result(201, outgoing(tx, w.stored), message=f"created {rt}/{w.stored.id} version {w.stored.version_id}")
 
 
-def _written(w, rt) -> Result:
-    s = w.stored
+def _written(w, rt, tx: Tx | None = None) -> Result:
+    s = outgoing(tx, w.stored) if tx is not None else w.stored  # what a write sends back leaves too
     if w.outcome == "created":
         return Result(201, s, message=f"created {rt}/{s.id} version {s.version_id}")
     if w.outcome == "unchanged":
@@ -136,12 +136,12 @@ def _written(w, rt) -> Result:
 
 def update(tx: Tx, rt: str, rid: str, res: dict, if_match: int | None = None) -> Result:
     gated(tx)
-    return _written(tx.update(rt, rid, res, if_match), rt)
+    return _written(tx.update(rt, rid, res, if_match), rt, tx)
 
 
 def conditional_update(tx: Tx, rt: str, query: str, res: dict, if_match: int | None = None) -> Result:
     gated(tx)
-    return _written(tx.conditional_update(rt, query, res, if_match), rt)
+    return _written(tx.conditional_update(rt, query, res, if_match), rt, tx)
 
 
 def delete(tx: Tx, rt: str, rid: str, if_match: int | None = None) -> Result:

@@ -100,7 +100,7 @@ def _resolve_ids(tx: Tx, entries: list[Entry]) -> tuple[dict[str, str], dict[int
                 if len(found) > 1:
                     raise PreconditionFailed(f"entry {e.n}: ifNoneExist {e.if_none_exist!r} matches more than one")
                 if found:
-                    matched[e.n] = Result(200, found[0])
+                    matched[e.n] = Result(200, interactions.outgoing(tx, found[0]))  # Part 2 mark if it leaves
                     e.id = found[0].id
             if e.id is None:
                 e.id = str(uuid.uuid4())

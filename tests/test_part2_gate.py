@@ -275,6 +275,17 @@ def test_what_leaves_for_an_outside_recipient_is_marked_even_subsetted(app):
                 f"/Encounter?_id=enc-1&_include=Encounter:subject", "/Encounter/enc-1/_history",
                 "/Encounter/enc-1/_history/2"):
         assert api.get(url).status_code == 200, url
+    # the stored copy is as it was written; the program's own reads are not marked
+    own = Api(app, "internal").get("/Encounter/enc-1").json
+    assert [s["code"] for s in own["meta"]["security"]] == ["42CFRPart2"] and notice_of(own) is None
+    # what a write hands back leaves too: an update's body, a transaction's ifNoneExist match
+    enc = api.get("/Encounter/enc-1").json
+    assert api.put("/Encounter/enc-1", {**enc, "status": "cancelled"}).status_code == 200
+    r = api.post("/", {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {
+            "method": "POST", "url": "Patient",
+            "ifNoneExist": f"identifier=https://harborlight.example.org/fhir/sid/mrn|{MRN}"}}]})
+    assert r.json["entry"][0]["response"]["status"] == "200 OK" and r.json["entry"][0]["resource"]["id"] == PID
     marked = 0
     for raw in api.bodies:
         body = orjson.loads(raw)
@@ -282,7 +293,4 @@ def test_what_leaves_for_an_outside_recipient_is_marked_even_subsetted(app):
             codes = {s["code"] for s in res["meta"]["security"]}
             assert {"R", "42CFRPart2", "SUD", "NORDSCLCD"} <= codes and notice_of(res) == NOTICE
             marked += 1
-    assert marked == 7  # read, search, include (Encounter + Patient), history (2 versions), vread
-    # the stored copy is as it was written; the program's own reads are not marked
-    own = Api(app, "internal").get("/Encounter/enc-1").json
-    assert [s["code"] for s in own["meta"]["security"]] == ["42CFRPart2"] and notice_of(own) is None
+    assert marked == 10  # read, search, include (2), history (2 versions), vread, read, update, transaction
