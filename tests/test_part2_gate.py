@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from part2_kit import ACCESS, CONSENT_FOR, Api, consent_resource, make_app
-from server_kit import db_url  # noqa: F401  (fixture)
+from server_kit import db_url, secured_app, token_for  # noqa: F401  (fixtures)
 from sqlalchemy import func, select
 
 from fhir_iop.disclosure import NOTICE, REDISCLOSURE_MARK, Decision, Gate, grants, labelled, mark, notice_of, today
@@ -294,3 +294,25 @@ def test_what_leaves_for_an_outside_recipient_is_marked_even_subsetted(app):
             assert {"R", "42CFRPart2", "SUD", "NORDSCLCD"} <= codes and notice_of(res) == NOTICE
             marked += 1
     assert marked == 10  # read, search, include (2), history (2 versions), vread, read, update, transaction
+
+
+def test_end_to_end_with_real_tokens(secured_app):
+    """Through the authorization layer: the client's registered recipient and purpose decide."""
+    store = secured_app.extensions["fhir_iop"].store
+    with store.transaction() as tx:
+        tx.put_many(labelled_set())
+        c = consent_resource("CNS-E2E", MRN, CONSENT_FOR["payer"], classes=["encounters"])
+        tx.update("Consent", c["id"], c)
+    http = secured_app.test_client()
+    payer = {"Authorization": token_for(secured_app, "system/*.rs", recipient="AETNA", purpose="HPAYMT")}
+    ehr = {"Authorization": token_for(secured_app, "system/*.rs", recipient="RIVERSIDE-PC", purpose="TREAT")}
+    er = {"Authorization": token_for(secured_app, "system/*.rs", recipient="NOBODY-ORG", purpose="TREAT",
+                                     emergency_allowed=True)}
+    r = http.get("/Encounter/enc-1", headers=payer)
+    assert r.status_code == 200 and notice_of(r.json) == NOTICE
+    assert http.get("/CarePlan/plan-1", headers=payer).status_code == 404
+    assert http.get("/Encounter/enc-1", headers=ehr).status_code == 404
+    assert http.get(f"/Encounter?subject=Patient/{PID}&_summary=count", headers=ehr).json["total"] == 0
+    assert http.get("/CarePlan/plan-1", headers=er).status_code == 404  # no emergency asked for
+    r = http.get("/CarePlan/plan-1", headers={**er, "X-Fhir-Iop-Emergency": "true"})
+    assert r.status_code == 200 and notice_of(r.json) == NOTICE
