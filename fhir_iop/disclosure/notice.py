@@ -12,8 +12,10 @@
   ``Resource.meta``, an Annotation: "a marking should be displayed when the resource is rendered in
   print or in electronic form"; FHIR Data Segmentation for Privacy 1.0.0, reference §6b).
 
-:data:`NOTICE` is Statement 1 of 42 CFR 2.32(a)(1) as amended by the 2024 final rule (89 FR 12472):
-https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2/subpart-C/section-2.32
+:data:`NOTICE` is Statement 1 of 42 CFR 2.32(a)(1) as amended by the 2024 final rule (89 FR 12472),
+https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2/subpart-C/section-2.32 (the
+regulation also allows the short Statement 2, "42 CFR part 2 prohibits unauthorized use or
+disclosure of these records."; the full statement is sent, as it tells the recipient what it may do).
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ NOTICE = (
     "State, or local authority, against the patient, unless authorized by the consent of the patient, except as "
     "provided at 42 CFR 2.12(c)(5) or as authorized by a court in accordance with 42 CFR 2.64 or 2.65. In "
     "addition, the Federal rules prohibit you from making any other use or disclosure of this record unless at "
-    "least one of the following applies: (A) Further use or disclosure is expressly permitted by the written "
+    "least one of the following applies: (i) Further use or disclosure is expressly permitted by the written "
     "consent of the individual whose information is being disclosed in this record or as otherwise permitted by "
-    "42 CFR part 2. (B) You are a covered entity or business associate and have received the record for "
-    "treatment, payment, or health care operations, or (C) You have received the record from a covered entity "
+    "42 CFR part 2. (ii) You are a covered entity or business associate and have received the record for "
+    "treatment, payment, or health care operations, or (iii) You have received the record from a covered entity "
     "or business associate as permitted by 45 CFR part 164, subparts A and E. A general authorization for the "
     "release of medical or other information is NOT sufficient to meet the required elements of written consent "
     "to further use or redisclose the record (see 42 CFR 2.31)."
