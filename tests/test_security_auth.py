@@ -331,3 +331,22 @@ def test_insecure_flag_warns_loudly(db_url, caplog):  # noqa: F811
         assert app.test_client().get("/Patient").status_code == 200
     finally:
         store_of(app).dispose()
+
+
+def test_migration_0004_downgrades_and_upgrades_again(db_url):  # noqa: F811
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from fhir_iop.store.engine import WRITE, alembic_config, current_revision, make_engine, upgrade
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        tables = {"smart_client", "smart_assertion_jti", "smart_server_key"}
+        assert tables <= set(inspect(engine).get_table_names())
+        with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+            command.downgrade(alembic_config(conn), "0003")
+        assert current_revision(engine) == "0003" and not tables & set(inspect(engine).get_table_names())
+        upgrade(engine)
+        assert tables <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
