@@ -62,7 +62,8 @@ def test_token_from_the_wrong_key_is_refused(tmp_path):
     good, bad = tmp_path / "good.pem", tmp_path / "bad.pem"
     keys.generate_pem(good, "ES384")
     keys.generate_pem(bad, "ES384")
-    assert run("clients", "add", "x", "--jwks", good, "--scope", "system/*.read", "--internal", "--database", db)[0] == 0
+    code, _, err = run("clients", "add", "x", "--jwks", good, "--scope", "system/*.read", "--internal", "--database", db)
+    assert code == 0, err
     code, out, err = run("clients", "token", "x", "--key", bad, "--database", db)
     assert code == 2 and out == "" and "invalid_client" in err
 

@@ -182,8 +182,9 @@ def test_scopes_by_endpoints_matrix(secured_app):
             counts[status] += 1
             if status != expected:
                 problems.append(f"{case}, expected {expected}")
+            code = "login" if status == 401 else "forbidden"
             if not (isinstance(body, dict) and body.get("resourceType") == "OperationOutcome"
-                    and "entry" not in body and body["issue"][0]["code"] == ("login" if status == 401 else "forbidden")):
+                    and "entry" not in body and body["issue"][0]["code"] == code):
                 problems.append(f"{case}: the refusal is not a bare OperationOutcome: {body}")
             if after != before:
                 unauthorized.append(f"{case}: refused but the store changed ({before} -> {after} versions)")

@@ -67,10 +67,12 @@ def clients_group():
               help="The client's public keys: a JWKS file (or a PEM key; its public part is registered).")
 @click.option("--jwks-uri", help="Where the client publishes its JWKS (https URL).")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              help="Allowed SMART scopes (system/Type.read|write|*, system/Type.cruds…); repeatable or space-separated.")
+              help="Allowed SMART scopes (system/Type.read|write|*, system/Type.cruds…); "
+                   "repeatable or space-separated.")
 @click.option("--recipient", help="Id of the organization the client acts for, as Part 2 consents name it.")
 @click.option("--internal", is_flag=True, help="The client is the program itself (no Part 2 disclosure).")
-@click.option("--purpose", default="TREAT", show_default=True, help="Purpose of use (v3-ActReason: TREAT, HPAYMT, HOPERAT…).")
+@click.option("--purpose", default="TREAT", show_default=True,
+              help="Purpose of use (v3-ActReason: TREAT, HPAYMT, HOPERAT…).")
 @click.option("--emergency-allowed", is_flag=True, help="May ask for medical-emergency disclosures (42 CFR 2.51).")
 @click.option("--admin", is_flag=True, help="Administrator (reads AuditEvents).")
 @click.option("--client-id", help="The client_id [default: NAME].")

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 
 from fhir_iop.security.keys import CLIENT_ALGS
 from fhir_iop.security.tokens import OAuthError
-from server.app import base_url, state
+from server.app import base_url
 
 bp = Blueprint("smart", __name__)
 
