@@ -219,4 +219,7 @@ def init_app(app: Flask) -> None:
     """Register :func:`check_request`. ``create_app`` calls this last, so it runs after the authorization
     layer: an unauthenticated request gets 401 whatever else is wrong with it."""
     app.config.setdefault("MAX_JSON_DEPTH", 100)
+    # werkzeug would answer "/Patient//x" with an HTML 308 to "/Patient/x" (Flask hands routing redirects
+    # to the client without the error handler); FHIR ids hold no "/", so such a path is a 404 like any other
+    app.url_map.merge_slashes = False
     app.before_request(check_request)

@@ -311,3 +311,10 @@ def test_every_module_parses_xml_through_the_safe_parser():
             if needle in text:
                 offenders.append(f"{f.relative_to(root)}: {needle}")
     assert offenders == []
+
+
+def test_double_slashes_are_not_redirected_to_html(client):
+    """werkzeug would answer with an HTML 308 (found by tests/test_fuzz_api.py)."""
+    for url in ("/Patient//x", "/CarePlan/http%3A%2F%2F/$validate", "//Patient"):
+        r = client.get(url)
+        assert r.status_code in (400, 404) and r.json["resourceType"] == "OperationOutcome", (url, r.status_code)

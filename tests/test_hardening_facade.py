@@ -135,3 +135,11 @@ def test_validate_a_missing_or_deleted_instance(client):
     assert issues(client.get(f"/Patient/{pid}/$validate"), 410)
     assert issues(client.get("/Nonsense/x/$validate"), 404)
     assert issues(client.get(f"/Patient/{pid}/$validate", headers={"Accept": "text/csv"}), 406)
+
+
+def test_validate_reports_a_mistyped_coding_system_instead_of_failing(client):
+    """A Coding.system that is an array crashed the binding check (found by tests/test_fuzz_api.py)."""
+    cond = {"resourceType": "Condition", "subject": {"reference": "Patient/x"},  # clinicalStatus: a required binding
+            "clinicalStatus": {"coding": [{"system": [], "code": "active"}]}}
+    found = errors(client.post("/Condition/$validate", data=orjson.dumps(cond), content_type=FHIR_JSON))
+    assert found and any("system" in (i.get("diagnostics", "") + str(i.get("expression", ""))) for i in found)

@@ -743,6 +743,8 @@ class Validator:
         for system, code, _ in codings:
             if not isinstance(code, str):
                 continue
+            if not isinstance(system, str):  # a mistyped system (reported by the structure check) counts as none
+                system = None
             key = (vs_url, system, code)
             r = self._bind_cache.get(key, 0)
             if r == 0:

@@ -93,7 +93,7 @@ def validate_type(rtype: str):
 def _stored(rtype: str, rid: str) -> dict:
     """The current version of ``rtype/rid`` as a read would give it (404 missing or withheld, 410 deleted)."""
     import orjson
-    with state().store.reading() as tx:
+    with interactions.GatedStore(state().store).reading() as tx:  # Part 2: withheld reads as missing
         stored = interactions.read(tx, rtype, rid).stored
     body = stored.body
     return orjson.loads(body) if isinstance(body, (str, bytes)) else body
