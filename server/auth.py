@@ -89,7 +89,8 @@ def _refuse(status: int, message: str, error: str | None = None):
     if status == 401:
         value = 'Bearer realm="fhir-iop"'
         if error:
-            value += f', error="{error}", error_description="{message.replace(chr(34), chr(39))}"'
+            safe = "".join(ch for ch in message if " " <= ch <= "~" and ch not in '"\\')[:200]
+            value += f', error="{error}", error_description="{safe}"'
         headers["WWW-Authenticate"] = value
     return respond(outcome(message, "login" if status == 401 else "forbidden"), status, headers)
 
@@ -110,16 +111,16 @@ def authorize_request():
     except InvalidToken as e:
         return _refuse(401, str(e), "invalid_token")
     client = verified.client
-    emergency = request.headers.get(EMERGENCY_HEADER, "").strip().lower()
-    if emergency not in ("", "false", "0", "no"):
-        if emergency not in ("true", "1", "yes"):
-            return _refuse(403, f"{EMERGENCY_HEADER} takes true or false")
-        if not client.emergency_allowed:
-            return _refuse(403, f"client {client.client_id} is not allowed medical-emergency access "
-                                f"({EMERGENCY_HEADER})")
+    asked = request.headers.get(EMERGENCY_HEADER, "").strip().lower()
+    emergency = asked in ("true", "1", "yes") and client.emergency_allowed
+    # who asked is known from here on, refused or not (the audit trail records it)
     g.access = Access(client_id=client.client_id, recipient=client.recipient,
-                      purpose="ETREAT" if emergency in ("true", "1", "yes") else client.purpose,
-                      emergency=emergency in ("true", "1", "yes"), scopes=verified.scopes, admin=client.admin)
+                      purpose="ETREAT" if emergency else client.purpose, emergency=emergency,
+                      scopes=verified.scopes, admin=client.admin)
+    if asked not in ("", "false", "0", "no", "true", "1", "yes"):
+        return _refuse(403, f"{EMERGENCY_HEADER} takes true or false")
+    if asked in ("true", "1", "yes") and not emergency:
+        return _refuse(403, f"client {client.client_id} is not allowed medical-emergency access ({EMERGENCY_HEADER})")
     if request.url_rule is None:
         return None  # 404/405 follow
     try:
