@@ -205,3 +205,15 @@ def download(job_id: str, name: str):
     return send_file(path.resolve(), mimetype=NDJSON, conditional=False, etag=False, max_age=0)
 
 
+
+
+def _register_auth_rules() -> None:
+    """Status, cancel and files are checked here (the job's own client only), not by scope: any
+    authenticated client may ask, and sees only its own jobs. The kick-off is checked by
+    ``server/auth.py`` (search on each ``_type``)."""
+    from server.auth import rule
+    for endpoint in ("export.status", "export.cancel", "export.download"):
+        rule(endpoint)(lambda view_args: [])
+
+
+_register_auth_rules()
