@@ -155,6 +155,25 @@ def _read(rid: str):
     return respond(row.body, 200, {"ETag": 'W/"1"', "Last-Modified": http_date(row.last_updated)})
 
 
+def capability() -> dict:
+    """The CapabilityStatement entry of AuditEvent (``server/capability.py`` adds it)."""
+    from server.capability import DOCS
+    params = [{"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
+              {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+               "type": "date", "documentation": DOCS["date"]}]
+    for code, p in sorted(registry().for_type(AUDIT_TYPE).items()):
+        params.append({"name": code, "definition": p.url, "type": p.type, "documentation": DOCS[p.type]})
+    return {"type": AUDIT_TYPE, "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+            "documentation": "The audit trail (IHE BALP patterns): one AuditEvent per request (per batch or "
+                             "transaction entry) and per export, push or disclosure. Administrators only (admin "
+                             "client and a scope on AuditEvent); append-only: create, update and delete get 405.",
+            "interaction": [{"code": c} for c in ("read", "vread", "search-type")],
+            "versioning": "no-version", "readHistory": False, "updateCreate": False,
+            "conditionalCreate": False, "conditionalRead": "not-supported", "conditionalUpdate": False,
+            "conditionalDelete": "not-supported", "referencePolicy": ["literal", "logical"],
+            "searchParam": params}
+
+
 # -- what one request did -----------------------------------------------------------------------------
 
 def _json(data: bytes, mimetype: str):

@@ -88,6 +88,7 @@ def _resource(registry: Registry, rt: str) -> dict:
 
 
 def capability_statement(registry: Registry, base: str) -> dict:
+    from server.audit_hook import capability as audit_capability  # the audit trail (admins, read-only)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -112,7 +113,7 @@ def capability_statement(registry: Registry, base: str) -> dict:
                              "control characters in strings gets 400; XML with a DOCTYPE or entity declaration "
                              "gets 400; a body that is not FHIR JSON or XML gets 415; an Accept or _format "
                              "asking for neither gets 406.",
-            "resource": [_resource(registry, rt) for rt in RESOURCE_TYPES],
+            "resource": [_resource(registry, rt) for rt in RESOURCE_TYPES] + [audit_capability()],
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "searchParam": [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],
             "operation": [{"name": "load-iop", "definition": f"{CANONICAL}/OperationDefinition/load-iop",

@@ -342,3 +342,16 @@ def test_direct_index_rows_equal_the_fhirpath_ones(action):
         fast, slow = index_rows(ev), index_rows(ev, fast=False)
         assert {k: sorted(map(repr, v)) for k, v in fast.items()} == {k: sorted(map(repr, v)) for k, v in slow.items()}
         assert len(fast["reference"]) >= 6 and fast["date"] and fast["token"]
+
+
+def test_metadata_lists_auditevent_read_only(secured_app):
+    cs = secured_app.test_client().get("/metadata").get_json()
+    ae = [r for r in cs["rest"][0]["resource"] if r["type"] == "AuditEvent"][0]
+    assert {i["code"] for i in ae["interaction"]} == {"read", "vread", "search-type"}
+    assert {"date", "agent", "entity", "patient", "type", "subtype", "action", "outcome"} <= \
+        {p["name"] for p in ae["searchParam"]}
+    from fhir_iop.validation import validate
+    n = cs["rest"][0]["resource"].index(ae)
+    mine = [i for i in validate(cs)["issue"] if i["severity"] in ("error", "fatal")
+            and any(f"resource[{n}]" in x for x in i.get("expression", ()))]
+    assert mine == []
