@@ -316,3 +316,18 @@ def test_end_to_end_with_real_tokens(secured_app):
     assert http.get("/CarePlan/plan-1", headers=er).status_code == 404  # no emergency asked for
     r = http.get("/CarePlan/plan-1", headers={**er, "X-Fhir-Iop-Emergency": "true"})
     assert r.status_code == 200 and notice_of(r.json) == NOTICE
+
+
+def test_a_consent_written_by_an_outside_client_or_pulled_from_an_ehr_grants_nothing(app):
+    api = Api(app, "unknown")
+    forged = consent_resource("CNS-FORGED", MRN, ("NOBODY-ORG", "Nobody", "ehr", ["TREAT"]))
+    forged.pop("id")
+    assert api.post("/Consent", forged).status_code == 201
+    assert api.get("/Encounter/enc-1").status_code == 404
+    with app.extensions["fhir_iop"].store.transaction(origin="sync:ehr") as tx:
+        pulled = consent_resource("CNS-PULLED", MRN, ("NOBODY-ORG", "Nobody", "ehr", ["TREAT"]))
+        tx.update("Consent", pulled["id"], pulled)
+    assert api.get("/Encounter/enc-1").status_code == 404
+    with app.extensions["fhir_iop"].store.transaction() as tx:  # the program records it itself
+        tx.update("Consent", pulled["id"], {**pulled, "dateTime": pulled["dateTime"]} | {"language": "en"})
+    assert api.get("/Encounter/enc-1").status_code == 200

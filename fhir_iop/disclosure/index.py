@@ -9,6 +9,9 @@ each Consent lets go, kept in the writing transaction by a store write hook.
   it permits disclosing to its recipient, with the consent's period and revocation day. A Consent
   written, revoked or deleted rewrites its rows in the same transaction, so the next request sees it.
 
+Only the program's own writes of a Consent grant (:func:`grants_from`): not one an outside recipient
+writes through the API, nor one pulled from an EHR.
+
 The Consent is read with :func:`fhir_iop.mapping.consent.from_fhir`, the same reading the mapping
 uses: a Consent it cannot map exactly (nested denies, limits to particular resources, several
 recipients, a status other than active/inactive...) grants nothing, never more than was signed.
@@ -137,12 +140,26 @@ def _grant(conn, rid_pk: int, res: dict | None) -> None:
         conn.execute(insert(part2_grant), [{"consent_rid": rid_pk, **r} for r in rows])
 
 
+def grants_from(tx) -> bool:
+    """Whether Consents written in ``tx`` may grant: only the program's own writes. A Consent an outside
+    recipient writes through the API (it could name itself) or one pulled from an EHR (``sync:``
+    origin) grants nothing, whatever it says, until the program writes it itself."""
+    if (tx.origin or "").startswith("sync:"):
+        return False
+    gate = getattr(tx, "gate", None)
+    return gate is None or getattr(gate.access, "recipient", None) is None
+
+
 def hook(tx, rid_pk: int, rt: str, rid: str, res: dict | None) -> None:
     """The store write hook (``fhir_iop.store.repository.WRITE_HOOKS``)."""
     if res is not None and labelled(res):
         _label(tx.conn, rid_pk, rt, res)
     if rt == "Consent":
-        _grant(tx.conn, rid_pk, res)
+        trusted = grants_from(tx)
+        if res is not None and not trusted:
+            log.info("Consent/%s grants nothing: written by %s, not by the program", rid,
+                     "an EHR sync" if (tx.origin or "").startswith("sync:") else "an outside recipient")
+        _grant(tx.conn, rid_pk, res if trusted else None)
 
 
 def reindex_all(conn) -> None:
