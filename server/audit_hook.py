@@ -329,8 +329,17 @@ def events_for(response) -> list[dict]:
             entities = [Entity(r, _request_patient())]
     if ref and not entities and action in ("read", "vread", "update", "delete"):
         entities = [Entity(ref, _request_patient() if action == "update" else None)]
-    ev = {"action": action, "outcome": outcome_for_status(status), "entities": _merge(entities, notes),
+    written = g.get("audit_written") or {"count": 0, "refs": {}}
+    if status < 400:
+        entities = [Entity(e.ref, e.patient or written["refs"].get(e.ref), e.consent, e.reason) for e in entities]
+        if action not in _WRITE_ACTIONS and action not in ("transaction", "batch"):
+            entities += [Entity(r, p) for r, p in written["refs"].items() if r not in {e.ref for e in entities}]
+    ev = {"action": action, "outcome": outcome_for_status(status),
+          "entities": _merge(entities, notes) if status < 400 else entities,
           "subtypes": subtypes, "resource_type": rt, **common}
+    if status < 400 and written["count"] and action not in _WRITE_ACTIONS:
+        ev["description"] = f"{written['count']} resource(s) written" + (
+            f", the first {MAX_WRITTEN} listed" if written["count"] > MAX_WRITTEN else "")
     if items:
         ev["_resources"] = {e.ref: r for e, r in items if r is not None}
     if action == "search" or action == "history" and rt is None or action == "history":
@@ -399,6 +408,24 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
     return events
 
 
+#: at most this many written resources are listed in one AuditEvent (a $load-iop writes thousands)
+MAX_WRITTEN = 1000
+
+
+def _written_hook(tx, rid_pk, rt, rid, res) -> None:
+    """A store write hook: the resources the current request writes (committed or not: only a
+    successful request lists them)."""
+    from flask import has_request_context
+    if not has_request_context() or rt == AUDIT_TYPE:
+        return
+    w = g.get("audit_written")
+    if w is None:
+        w = g.audit_written = {"count": 0, "refs": {}}
+    w["count"] += 1
+    if len(w["refs"]) < MAX_WRITTEN:
+        w["refs"][f"{rt}/{rid}"] = patient_of(res) if res else None
+
+
 def audit_response(response):
     """The after-request hook: write the request's AuditEvent(s); a 500 if that fails."""
     if request.path in UNAUDITED or request.method == "OPTIONS":
@@ -447,6 +474,9 @@ def _auth_rules() -> None:
 def init_app(app: Flask) -> None:
     install_log_filters()
     _auth_rules()
+    from fhir_iop.store.repository import WRITE_HOOKS
+    if _written_hook not in WRITE_HOOKS:
+        WRITE_HOOKS.append(_written_hook)
     app.register_blueprint(bp)
     app.after_request(audit_response)
 

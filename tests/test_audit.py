@@ -355,3 +355,19 @@ def test_metadata_lists_auditevent_read_only(secured_app):
     mine = [i for i in validate(cs)["issue"] if i["severity"] in ("error", "fatal")
             and any(f"resource[{n}]" in x for x in i.get("expression", ()))]
     assert mine == []
+
+
+def test_load_iop_lists_what_it_wrote(api, secured_app):
+    client, writer, admin = api
+    loader = token_for(secured_app, scopes="system/*.cruds")
+    files = [("files", (p.name, p.read_bytes(), "text/csv")) for p in sorted(CLINIC.glob("*.csv"))
+             if p.name in ("programs.csv", "counselors.csv", "clients.csv")]
+    import io
+    data = {"files": [(io.BytesIO(b), n) for _, (n, b, _) in files]}
+    r = client.post("/$load-iop", data=data, content_type="multipart/form-data", headers={"Authorization": loader})
+    assert r.status_code == 200, r.get_json()
+    ev = only(events(client, admin, f"agent={client_id(loader)}"))
+    assert ev["action"] == "E" and "operation" in subtypes(ev)
+    patients = refs(ev, "1")
+    assert len(patients) == 25 and len([x for x in refs(ev, "4") if x.startswith("Patient/")]) == 25
+    assert "resource(s) written" in ev["outcomeDesc"]
