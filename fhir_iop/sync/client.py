@@ -211,8 +211,7 @@ class EhrClient:
         return f"{method} {rel.split('/')[0] or '/'}"  # the type (or operation) only: ids can be PHI-adjacent
 
     def _request(self, method: str, url: str, *, params=None, body: bytes | None = None, headers=None,
-                 stream: bool = False, authenticate: bool = True, safe_post: bool = False,
-                 expect: tuple[int, ...] = ()) -> requests.Response:
+                 stream: bool = False, authenticate: bool = True, safe_post: bool = False) -> requests.Response:
         session = self._safe_post if safe_post else self.session
         hdrs = dict(headers or {})
         if body is not None and "Content-Type" not in hdrs:
@@ -243,7 +242,7 @@ class EhrClient:
                 self.auth.invalidate()
                 continue
             break
-        if resp.status_code >= 400 or (expect and resp.status_code not in expect):
+        if resp.status_code >= 400:
             raise self._error(method, url, resp)
         return resp
 

@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 
 import orjson
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from fhir_iop.store.errors import Invalid, NotFound
 from fhir_iop.store.models import sync_run, sync_state
@@ -149,10 +150,14 @@ def read_state(tx_or_conn, connection: str, rtype: str, lock: bool = False):
 def write_state(tx: Tx, connection: str, rtype: str, **values) -> None:
     """Upsert the state row (inside the caller's transaction)."""
     values["updated_at"] = now()
-    done = tx.conn.execute(update(sync_state).where(sync_state.c.connection == connection,
-                                                    sync_state.c.resource_type == rtype).values(**values))
-    if done.rowcount == 0:
-        tx.conn.execute(insert(sync_state).values(connection=connection, resource_type=rtype, **values))
+    where = (sync_state.c.connection == connection, sync_state.c.resource_type == rtype)
+    if tx.conn.execute(update(sync_state).where(*where).values(**values)).rowcount:
+        return
+    try:
+        with tx.conn.begin_nested():
+            tx.conn.execute(insert(sync_state).values(connection=connection, resource_type=rtype, **values))
+    except IntegrityError:  # another pull of the same connection created the row meanwhile
+        tx.conn.execute(update(sync_state).where(*where).values(**values))
 
 
 def _later(a: str | None, b: str | None) -> str | None:
