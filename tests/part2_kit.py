@@ -30,6 +30,7 @@ ACCESS = {
     "ehr": Access("riverside-ehr", recipient="RIVERSIDE-PC", purpose="TREAT"),
     "payer": Access("aetna-claims", recipient="AETNA", purpose="HPAYMT"),
     "unknown": Access("stranger", recipient="NOBODY-ORG", purpose="TREAT"),
+    "bayshore": Access("bayshore-ehr", recipient="BAYSHORE-FHC", purpose="TREAT"),
     "emergency": Access("er-client", recipient="NOBODY-ORG", purpose="ETREAT", emergency=True),
 }
 #: the recipient a consent names for each accessing party (an unknown org never has one: its rows

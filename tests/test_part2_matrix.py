@@ -12,6 +12,7 @@ recipient carries the Part 2 labels incl. NORDSCLCD and the §2.32 notice.
 from __future__ import annotations
 
 import re
+from datetime import date
 from urllib.parse import urlsplit
 
 import orjson
@@ -247,3 +248,42 @@ def test_internal_access_sees_everything_unmarked(part2_app, target):
     assert r.status_code == 200 and notice_of(r.json) is None
     assert "42CFRPart2" in {s["code"] for s in r.json["meta"]["security"]}
     assert api.get(f"/Encounter?subject=Patient/{target['pid']}&_summary=count").json["total"] == 42
+
+
+def test_the_clinics_own_consents_as_signed(part2_app, monkeypatch):
+    """The example clinic's consents (consents.csv) on a day they are all in force: each recipient
+    gets exactly the data classes its client signed for, and a revoked consent gives nothing."""
+    import fhir_iop.disclosure.gate as gate_module
+    monkeypatch.setattr(gate_module, "today", lambda: date(2026, 6, 1))
+    internal = Api(part2_app, "internal")
+
+    def patient(mrn):
+        return internal.get(f"/Patient?identifier={MRN_SYSTEM}|{mrn}").json["entry"][0]["resource"]["id"]
+
+    def count(api, query):
+        return api.get(f"{query}&_summary=count").json["total"]
+
+    p1, p5 = patient("M100001"), patient("M100005")
+    ehr, payer, bayshore = Api(part2_app, "ehr"), Api(part2_app, "payer"), Api(part2_app, "bayshore")
+    everything = {rt: count(internal, f"/{rt}?subject=Patient/{p1}") for rt in ("Encounter", "Observation",
+                                                                                 "DiagnosticReport")}
+    assert all(everything.values())
+    # Riverside (TREAT): enrollment, encounters, drug screens, medications, care plans; no demographics
+    assert ehr.get(f"/Patient/{p1}").status_code == 404
+    assert {rt: count(ehr, f"/{rt}?subject=Patient/{p1}") for rt in everything} == everything
+    assert count(ehr, f"/Coverage?beneficiary=Patient/{p1}") == 0
+    b = ehr.get(f"/Encounter?subject=Patient/{p1}&_include=Encounter:subject&_count=3").json
+    assert {e["resource"]["resourceType"] for e in b["entry"]} == {"Encounter"}
+    # Aetna (HPAYMT): demographics, enrollment, encounters, coverage; no drug screens
+    assert payer.get(f"/Patient/{p1}").status_code == 200
+    assert count(payer, f"/Coverage?beneficiary=Patient/{p1}") == 1
+    assert count(payer, f"/Observation?subject=Patient/{p1}") == count(payer, f"/DiagnosticReport?subject=Patient/{p1}") == 0
+    b = payer.get(f"/Encounter?subject=Patient/{p1}&_include=Encounter:subject&_count=3").json
+    assert {e["resource"]["resourceType"] for e in b["entry"]} == {"Encounter", "Patient"}
+    # Bayshore: M100005 revoked on 2026-03-03 (nothing now), but its other clients' consents stand
+    assert count(internal, f"/Encounter?subject=Patient/{p5}") > 0
+    assert count(bayshore, f"/Encounter?subject=Patient/{p5}") == 0
+    assert count(bayshore, f"/Encounter?subject=Patient/{patient('M100014')}") > 0
+    monkeypatch.setattr(gate_module, "today", lambda: date(2026, 3, 2))  # the day before the revocation
+    assert count(bayshore, f"/Encounter?subject=Patient/{p5}") > 0
+    assert assert_marked(ehr.bodies + payer.bodies + bayshore.bodies) > 0
