@@ -189,3 +189,27 @@ def test_bad_dates_are_a_usage_error(tmp_path):
     res = CliRunner().invoke(main, ["payer", "export", "--payer", "AETNA", "--from", "2026-03-01", "--to",
                                     "2026-01-01", str(CLINIC), "--out", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and "--to is before --from" in res.output
+
+
+def test_billing_and_rendering_providers_and_telehealth_told_by_the_encounter_class():
+    from fhir_iop.records.model import CounselingSession
+    c = Clinic().client("A").week("A", MON, (0, 4)).attend("A", day(2), modality="telehealth-video")
+    c._add(CounselingSession, counseling_session_id="CS-A-FRI", client_mrn="A", enrollment_id="E-A", kind="individual",
+           status="completed", counselor_id="C002", start=f"{day(4)}T13:00:00-05:00", end=f"{day(4)}T13:50:00-05:00",
+           modality="in-person")
+    result = run(c)
+    [claim] = result.claims
+    assert errors(claim) == []
+    ctx = MappingContext()
+    assert claim["provider"]["reference"] == f"Organization/{ctx.rid('program', 'SUD-IOP')}"  # billing
+    assert [(t["sequence"], t["provider"]["reference"], t["role"]["coding"][0]["code"]) for t in claim["careTeam"]] == [
+        (1, f"Practitioner/{ctx.rid('counselor', 'C001')}", "primary"),
+        (2, f"Practitioner/{ctx.rid('counselor', 'C002')}", "primary")]
+    assert {t["role"]["coding"][0]["system"] for t in claim["careTeam"]} == {
+        "http://terminology.hl7.org/CodeSystem/claimcareteamrole"}
+    assert [i["careTeamSequence"] for i in claim["item"]] == [[1], [1], [1, 2]]  # Friday: group + C002's session
+    # no place-of-service code anywhere; telehealth shows in the supporting Encounters' class
+    assert b"place-of-service" not in orjson.dumps(result.all()).lower() and "locationCodeableConcept" not in str(claim)
+    encounters = {f"Encounter/{r['id']}": r for r in result.resources if r["resourceType"] == "Encounter"}
+    classes = [{encounters[e["reference"]]["class"]["code"] for e in i["encounter"]} for i in claim["item"]]
+    assert classes == [{"AMB"}, {"VR"}, {"AMB"}]

@@ -401,7 +401,9 @@ PROFILE_SPECS: tuple[Profile, ...] = (
             "A client's IOP days of one billing period for one payer and program (fhir_iop/payer): one item per "
             "billable day with the HCPCS per-diem code (H0015 substance use, S9480 psychiatric), the NUBC revenue "
             "code (0906, 0905), the date and the day's attended Encounters; the enrollment's ICD-10-CM diagnoses; "
-            "the Coverage and its prior authorization. A telehealth day carries its session-modality "
+            "the Coverage and its prior authorization; the program as billing provider (provider) and the counselors "
+            "who ran the services as rendering providers (careTeam, role claimcareteamrole#primary). A telehealth "
+            "day carries its session-modality "
             "(telehealth-video or telehealth-phone) in an extension on the item (no place-of-service code: CMS POS "
             "02/10 are unconfirmed). US Core has no Claim profile: "
             "the parent is base R4.",
@@ -409,11 +411,14 @@ PROFILE_SPECS: tuple[Profile, ...] = (
             E("use", pattern="claim"), ref("patient", "iop-client"), E("billablePeriod", min=1),
             E("billablePeriod.start", min=1), E("billablePeriod.end", min=1), E("created"),
             ref("provider", "iop-program"), E("priority", pattern=concept("process-priority-normal")),
+            E("careTeam", short="Rendering providers: the counselors who ran the billed services"),
+            ref("careTeam.provider", "iop-counselor"),
+            E("careTeam.role", min=1, pattern=concept("claim-careteamrole-primary")),
             E("diagnosis"), E("diagnosis.diagnosis[x]", types=[{"code": "CodeableConcept"}]),
             E("insurance", max="1"), E("insurance.focal", pattern=True),
             ref("insurance.coverage", "iop-coverage"), E("insurance.preAuthRef"),
             E("item", min=1, short="One item per billable day"), ext("session-modality", on="item"),
-            E("item.diagnosisSequence"), E("item.revenue", min=1),
+            E("item.careTeamSequence"), E("item.diagnosisSequence"), E("item.revenue", min=1),
             *coding_slice("item.revenue.coding", "nubc", NUBC_REVENUE, min=1, max="1", short="NUBC revenue code"),
             *coding_slice("item.productOrService.coding", "hcpcs", HCPCS, min=1, max="1",
                           short="HCPCS per-diem code"),

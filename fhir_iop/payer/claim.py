@@ -9,8 +9,17 @@
   extension (telehealth-video / telehealth-phone): no place-of-service code, POS 02/10 are unconfirmed
   (domain-codes.md §3d).
 * ``diagnosis``: the enrollment's ICD-10-CM codes, principal first; every item points to all of them.
-* ``provider``: the program's Organization; ``insurance``: the Coverage and its prior authorization
-  (``preAuthRef``); ``billablePeriod`` the period; ``created`` its last day (deterministic output).
+* Billing vs rendering provider: ``provider`` (the billing provider) is the program's Organization;
+  the counselors who ran the billed services (the facilitators of each attended group session, the
+  counselor of each counselling session) are the rendering providers: ``careTeam`` entries with
+  ``role`` claimcareteamrole#primary ("Primary provider"; THO CodeSystem claimcareteamrole, codes
+  primary / assist / supervisor / other, hl7.org/fhir/R4/valueset-claim-careteamrole.html) and
+  ``provider`` the counselor's Practitioner, in order of first appearance; each item names its day's
+  counselors in ``careTeamSequence``.
+* ``insurance``: the Coverage and its prior authorization (``preAuthRef``); ``billablePeriod`` the
+  period; ``created`` its last day (deterministic output).
+* Telehealth vs in person: besides the item extension, the supporting Encounters tell it by their
+  ``class`` (v3-ActCode VR virtual vs AMB ambulatory, the mapping's session-modality ConceptMap).
 * The 42 CFR Part 2 labels when the site is a Part 2 program, like every resource about a client.
 
 Revenue codes belong on institutional (UB-04) claims; the Claim is typed professional as the brief
@@ -29,6 +38,7 @@ NUBC_REVENUE = "https://www.nubc.org/CodeSystem/RevenueCodes"
 PROFILE = f"{CANONICAL}/StructureDefinition/iop-claim"
 TELEHEALTH_EXT = ext_url("session-modality")
 _TYPE, _PRIORITY = cited("claim-type-professional"), cited("process-priority-normal")
+_RENDERING = cited("claim-careteamrole-primary")
 
 
 def _coding(system: str, code: str) -> dict:
@@ -47,11 +57,13 @@ def encounter_ref(ctx: MappingContext, kind: str, key: str) -> dict:
     return {"reference": f"Encounter/{ctx.rid(kind, key)}"}
 
 
-def _item(seq: int, line: BillableLine, ctx: MappingContext, n_diagnoses: int) -> dict:
+def _item(seq: int, line: BillableLine, ctx: MappingContext, n_diagnoses: int, team: list[int]) -> dict:
     item = {"sequence": seq}
     if line.telehealth:  # the modality of the day's first telehealth service (video or telephone)
         modality = next(s.modality for s in line.services if s.modality != IN_PERSON)
         item["extension"] = [ctx.ext_coding("session-modality", modality)]
+    if team:
+        item["careTeamSequence"] = team
     if n_diagnoses:
         item["diagnosisSequence"] = list(range(1, n_diagnoses + 1))
     item |= {"revenue": {"coding": [_coding(NUBC_REVENUE, line.revenue)]},
@@ -64,6 +76,18 @@ def _item(seq: int, line: BillableLine, ctx: MappingContext, n_diagnoses: int) -
 def claims(r: Rollup, records: IopRecords, ctx: MappingContext) -> list[dict]:
     """The Claims of a rollup, in client, program and coverage order."""
     coverages = {c.coverage_id: c for c in records.coverages}
+    facilitators = {s.session_id: s.facilitators for s in records.group_sessions}
+    counselor_of = {c.counseling_session_id: c.counselor_id for c in records.counseling_sessions}
+
+    def rendering(line: BillableLine) -> list[str]:
+        """The counselors who ran the day's attended services, in order."""
+        out: list[str] = []
+        for s in line.services:
+            ids = facilitators.get(s.key.split("/", 1)[0], ()) if s.kind == "attendance" \
+                else [counselor_of[s.key]] if s.key in counselor_of else []
+            out += [i for i in ids if i not in out]
+        return out
+
     enrollments = {e.enrollment_id: e for e in records.enrollments}
     groups: dict[tuple[str, str, str], list[BillableLine]] = defaultdict(list)
     for line in r.lines:
@@ -90,10 +114,17 @@ def claims(r: Rollup, records: IopRecords, ctx: MappingContext) -> list[dict]:
                  "billablePeriod": {"start": r.start.isoformat(), "end": r.end.isoformat()},
                  "created": r.end.isoformat(), "provider": ctx.program_ref(program_id),
                  "priority": {"coding": [_PRIORITY]}}
+        team: list[str] = []
+        for line in lines:
+            team += [c for c in rendering(line) if c not in team]
+        if team:
+            claim["careTeam"] = [{"sequence": i, "provider": ctx.counselor_ref(c), "role": {"coding": [_RENDERING]}}
+                                 for i, c in enumerate(team, 1)]
         if diagnoses:
             claim["diagnosis"] = [{"sequence": i, "diagnosisCodeableConcept": {
                 "coding": [{"system": ICD10CM, "code": code}]}} for i, code in enumerate(diagnoses, 1)]
         claim["insurance"] = [insurance]
-        claim["item"] = [_item(i, line, ctx, len(diagnoses)) for i, line in enumerate(lines, 1)]
+        claim["item"] = [_item(i, line, ctx, len(diagnoses), [team.index(c) + 1 for c in rendering(line)])
+                         for i, line in enumerate(lines, 1)]
         out.append(claim)
     return out
