@@ -13,10 +13,20 @@ a minute in CI; ``FHIR_IOP_FUZZ_EXAMPLES=N`` runs N cases per fuzzer (a long loc
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
+from functools import lru_cache
+from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from fhir_iop.store.params import RESOURCE_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+CLINIC = ROOT / "examples" / "clinic"
 
 COUNTS: Counter = Counter()
 #: HTTP statuses the API fuzzers saw (printed with the summary: a fuzzer that only ever meets 404 tests little)
@@ -72,3 +82,111 @@ def count(fuzz_summary):
     def add(name: str, n: int = 1) -> None:
         fuzz_summary[name] += n
     return add
+
+
+# -- seeds: the example clinic as FHIR -------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def clinic() -> tuple[dict, ...]:
+    from fhir_iop.errors import Problem
+    from fhir_iop.pipeline import to_fhir
+    return tuple(r for r in to_fhir([CLINIC]) if not isinstance(r, Problem))
+
+
+@lru_cache(maxsize=1)
+def seeds() -> tuple[dict, ...]:
+    """A few resources of each type the clinic has (stable choice)."""
+    by_type: dict[str, list[dict]] = {}
+    for r in clinic():
+        by_type.setdefault(r["resourceType"], []).append(r)
+    rnd = random.Random(4)
+    return tuple(r for rt in sorted(by_type) for r in rnd.sample(by_type[rt], min(3, len(by_type[rt]))))
+
+
+
+# -- strategies ------------------------------------------------------------------------------------
+
+WEIRD = ["", " ", "\u0000", "\t\n", "\x1b[31m", "ﾟ･✿ヾ╲(｡◕‿◕｡)╱✿･ﾟ", "𝄞", "\ufffd", "Patient/", "Patient/../x",
+         "urn:uuid:", "urn:uuid:not-a-uuid", "../../etc/passwd", "2024-13-45", "9999-12-31T23:59:59Z", "0001-01-01",
+         "2024-02-30", "-0", "1e309", "NaN", "<div>", "<!DOCTYPE x>", "&amp;", "%00", "' OR '1'='1", "\\",
+         '"', "a" * 5000, "http://", "#", "Patient/" + "9" * 70, "x" * 65, "…", "⁦", "\u2028"]
+FHIR_KEYS = ["resourceType", "id", "meta", "extension", "url", "valueString", "reference", "identifier", "system",
+             "value", "code", "coding", "status", "subject", "patient", "period", "start", "end", "text", "div",
+             "contained", "_birthDate", "security", "profile", "name", "family", "given", "entry", "resource",
+             "request", "method", "fullUrl", "effectiveDateTime", "valueQuantity", "category", "encounter"]
+
+leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70),
+                 st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20), st.sampled_from(WEIRD))
+json_value = st.recursive(leaf, lambda c: st.lists(c, max_size=4) |
+                          st.dictionaries(st.sampled_from(FHIR_KEYS) | st.text(max_size=8), c, max_size=4),
+                          max_leaves=15)
+
+
+def paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from paths(v, (*prefix, i))
+
+
+def _get(value, path):
+    for p in path:
+        value = value[p]
+    return value
+
+
+@st.composite
+def mutated(draw, base=None):
+    """A clinic resource with one to four random edits (delete, replace, insert, wrap, retype)."""
+    res = orjson.loads(orjson.dumps(base or draw(st.sampled_from(seeds()))))
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(list(paths(res))))
+        op = draw(st.sampled_from(["delete", "replace", "insert", "wrap", "resourceType", "id"]))
+        if op == "resourceType":
+            res["resourceType"] = draw(st.sampled_from([*RESOURCE_TYPES, "Bundle", "Nonsense", "", "patient"]))
+        elif op == "id":
+            res["id"] = draw(st.sampled_from(WEIRD) | st.text(max_size=70))
+        elif not path:
+            continue
+        else:
+            parent, key = _get(res, path[:-1]), path[-1]
+            if op == "delete":
+                del parent[key]
+            elif op == "replace":
+                parent[key] = draw(json_value)
+            elif op == "wrap":
+                parent[key] = [parent[key]]
+            elif isinstance(parent, dict):
+                parent[draw(st.sampled_from(FHIR_KEYS) | st.text(max_size=8))] = draw(json_value)
+            else:
+                parent.append(draw(json_value))
+    return res
+
+
+def encode(res) -> bytes:
+    """JSON bytes of anything the strategies make (the stdlib writes the integers orjson cannot)."""
+    try:
+        return orjson.dumps(res, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        import json
+        return json.dumps(res, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+
+
+def damage(draw, data: bytes, inserts: list[bytes], most: int = 3) -> bytes:
+    """``data`` with up to ``most`` byte-level edits: a flipped byte, a cut, an insert from ``inserts``."""
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(0, most))):
+        op = draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = draw(st.integers(0, max(len(buf) - 1, 0)))
+        if op == "flip" and buf:
+            buf[pos] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del buf[pos:pos + draw(st.integers(1, 80))]
+        else:
+            buf[pos:pos] = draw(st.sampled_from(inserts))
+    return bytes(buf)

@@ -10,14 +10,13 @@ success that has a body is FHIR. The number of cases is printed at the end of th
 
 from __future__ import annotations
 
-import random
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import orjson
 import pytest
-from conftest_fuzz import STATUSES, count, fuzz_settings, fuzz_summary  # noqa: F401  (fixtures)
+from conftest_fuzz import (FHIR_KEYS, STATUSES, WEIRD, count, encode, fuzz_settings,  # noqa: F401
+                           fuzz_summary, json_value, mutated, seeds)
 from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
@@ -30,25 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FHIR_JSON, FHIR_XML = "application/fhir+json", "application/fhir+xml"
 #: endpoints that answer without a token
 PUBLIC = ("/metadata", "/.well-known/smart-configuration", "/auth/token", "/auth/jwks")
-
-
-# -- seeds: the example clinic as FHIR -------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def clinic() -> tuple[dict, ...]:
-    from fhir_iop.errors import Problem
-    from fhir_iop.pipeline import to_fhir
-    return tuple(r for r in to_fhir([ROOT / "examples" / "clinic"]) if not isinstance(r, Problem))
-
-
-@lru_cache(maxsize=1)
-def seeds() -> tuple[dict, ...]:
-    """A few resources of each type the clinic has (stable choice)."""
-    by_type: dict[str, list[dict]] = {}
-    for r in clinic():
-        by_type.setdefault(r["resourceType"], []).append(r)
-    rnd = random.Random(4)
-    return tuple(r for rt in sorted(by_type) for r in rnd.sample(by_type[rt], min(3, len(by_type[rt]))))
 
 
 def load_seeds(c, headers=None) -> None:
@@ -102,73 +82,6 @@ def check(resp, method: str = "GET", path: str = "") -> int:
 
 
 # -- strategies -----------------------------------------------------------------------------------------
-
-WEIRD = ["", " ", "\u0000", "\t\n", "\x1b[31m", "ﾟ･✿ヾ╲(｡◕‿◕｡)╱✿･ﾟ", "𝄞", "\ufffd", "Patient/", "Patient/../x",
-         "urn:uuid:", "urn:uuid:not-a-uuid", "../../etc/passwd", "2024-13-45", "9999-12-31T23:59:59Z", "0001-01-01",
-         "2024-02-30", "-0", "1e309", "NaN", "<div>", "<!DOCTYPE x>", "&amp;", "%00", "' OR '1'='1", "\\",
-         '"', "a" * 5000, "http://", "#", "Patient/" + "9" * 70, "x" * 65, "…", "⁦", "\u2028"]
-FHIR_KEYS = ["resourceType", "id", "meta", "extension", "url", "valueString", "reference", "identifier", "system",
-             "value", "code", "coding", "status", "subject", "patient", "period", "start", "end", "text", "div",
-             "contained", "_birthDate", "security", "profile", "name", "family", "given", "entry", "resource",
-             "request", "method", "fullUrl", "effectiveDateTime", "valueQuantity", "category", "encounter"]
-
-leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70),
-                 st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20), st.sampled_from(WEIRD))
-json_value = st.recursive(leaf, lambda c: st.lists(c, max_size=4) |
-                          st.dictionaries(st.sampled_from(FHIR_KEYS) | st.text(max_size=8), c, max_size=4),
-                          max_leaves=15)
-
-
-def paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from paths(v, (*prefix, i))
-
-
-def _get(value, path):
-    for p in path:
-        value = value[p]
-    return value
-
-
-@st.composite
-def mutated(draw, base=None):
-    """A clinic resource with one to four random edits (delete, replace, insert, wrap, retype)."""
-    res = orjson.loads(orjson.dumps(base or draw(st.sampled_from(seeds()))))
-    for _ in range(draw(st.integers(1, 4))):
-        path = draw(st.sampled_from(list(paths(res))))
-        op = draw(st.sampled_from(["delete", "replace", "insert", "wrap", "resourceType", "id"]))
-        if op == "resourceType":
-            res["resourceType"] = draw(st.sampled_from([*RESOURCE_TYPES, "Bundle", "Nonsense", "", "patient"]))
-        elif op == "id":
-            res["id"] = draw(st.sampled_from(WEIRD) | st.text(max_size=70))
-        elif not path:
-            continue
-        else:
-            parent, key = _get(res, path[:-1]), path[-1]
-            if op == "delete":
-                del parent[key]
-            elif op == "replace":
-                parent[key] = draw(json_value)
-            elif op == "wrap":
-                parent[key] = [parent[key]]
-            elif isinstance(parent, dict):
-                parent[draw(st.sampled_from(FHIR_KEYS) | st.text(max_size=8))] = draw(json_value)
-            else:
-                parent.append(draw(json_value))
-    return res
-
-
-def encode(res) -> bytes:
-    try:
-        return orjson.dumps(res, option=orjson.OPT_NON_STR_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        return b"{}"
-
 
 PREFER = st.sampled_from([None, "return=minimal", "return=representation", "return=OperationOutcome",
                           "handling=strict", "handling=lenient", "respond-async", "return=", "x"])
