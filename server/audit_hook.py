@@ -319,7 +319,7 @@ def events_for(response) -> list[dict]:
         kind = _bundle_kind()
         action = kind or "transaction"
 
-    items = _resources_of(body) if status < 400 and action not in _WRITE_ACTIONS else []
+    items = _resources_of(body) if status < 400 and action not in _WRITE_ACTIONS and rt != AUDIT_TYPE else []
     entities = [e for e, _ in items]
     if status < 400 and action in _WRITE_ACTIONS:
         entities = _entities_of(body)
@@ -342,7 +342,7 @@ def events_for(response) -> list[dict]:
             f", the first {MAX_WRITTEN} listed" if written["count"] > MAX_WRITTEN else "")
     if items:
         ev["_resources"] = {e.ref: r for e, r in items if r is not None}
-    if action == "search" or action == "history" and rt is None or action == "history":
+    if action in ("search", "history"):
         ev["query"] = _query_of(method)
     if status >= 400:
         ev["description"] = f"HTTP {status}"
