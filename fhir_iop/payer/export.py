@@ -8,8 +8,10 @@ of whose days is covered is absent from everything the export returns: the Claim
 the short-day report and every count (:class:`Export` is built from the disclosed days only). What
 is disclosed carries the Part 2 labels, NORDSCLCD (the redisclosure prohibition) among them.
 
-Not yet: an audit record of each disclosure (AuditEvent / Provenance), reading from the store, and
-Bulk Data ``Group/[id]/$export`` on the facade.
+Reading from the FHIR store instead of record files: :mod:`fhir_iop.payer.store`. Each disclosure is
+audited by the caller (``fhir-iop payer export --database``, the Bulk Data export in
+:mod:`fhir_iop.bulk.runner`) with :func:`consents_used`. Bulk Data ``Group/[id]/$export``:
+``server/routes/export.py``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ def disclosable(r: Rollup, records: IopRecords, require_consent: bool) -> Rollup
     ok = lambda mrn, day: consented(by_client.get(mrn, []), r.payer_id, day)  # noqa: E731
     return replace(r, lines=[x for x in r.lines if ok(x.client_mrn, x.day)],
                    short=[x for x in r.short if ok(x.client_mrn, x.day)])
+
+
+def consents_used(r: Rollup, records: IopRecords) -> dict[str, list[str]]:
+    """Per disclosed client (MRN), the ids of the consents that let at least one of its days go to the payer."""
+    days: dict[str, set[date]] = {}
+    for x in [*r.lines, *r.short]:
+        days.setdefault(x.client_mrn, set()).add(x.day)
+    out: dict[str, list[str]] = {}
+    for c in records.consents:
+        if c.client_mrn in days and any(consented([c], r.payer_id, d) for d in days[c.client_mrn]):
+            out.setdefault(c.client_mrn, []).append(c.consent_id)
+    return {mrn: sorted(out.get(mrn, [])) for mrn in sorted(days)}
 
 
 @dataclass
