@@ -26,8 +26,8 @@ update with identical content is ``unchanged`` (no new version, no write hooks).
 Each page is validated (structure) and stored in ONE store transaction
 ``store.transaction(origin="sync:<connection>")`` that also moves the cursor, so a kill between
 pages loses nothing and the next run starts after the last committed page. The cursor only moves
-forward (the state row is locked and the newer of the two kept), so two pulls of the same
-connection at once do no harm.
+forward (the state row is locked and the newer of the two kept), and a resource the other pull
+created first is updated instead, so two pulls of the same connection at once do no harm.
 
 The EHR must honour ``_lastUpdated`` and ``_sort``: the connection sends ``Prefer:
 handling=strict`` (an EHR that does not know a parameter answers 400) and the first page's
@@ -56,7 +56,7 @@ import orjson
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from fhir_iop.store.errors import Invalid, NotFound
+from fhir_iop.store.errors import Conflict, Invalid, NotFound
 from fhir_iop.store.models import sync_run, sync_state
 from fhir_iop.store.params import RESOURCE_TYPES, split_reference
 from fhir_iop.store.repository import Store, Tx, now
@@ -202,7 +202,10 @@ def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], resul
             continue
         local = localize(res, connection)
         try:
-            written = tx.update(rtype, local["id"], local)
+            try:
+                written = tx.update(rtype, local["id"], local)
+            except Conflict:  # another pull created it meanwhile (its savepoint is rolled back): update that
+                written = tx.update(rtype, local["id"], local)
         except Invalid as e:
             result.add(rtype, "invalid")
             result.errors.setdefault(rtype, f"{rtype}/{res.get('id')} (EHR id) is not valid R4: {e}")
