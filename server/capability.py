@@ -53,6 +53,21 @@ def published() -> tuple[str, dict[str, list[str]]]:
     return cs["url"], {r["type"]: r.get("supportedProfile", []) for r in cs["rest"][0]["resource"]}
 
 
+#: FHIR Bulk Data v2 export operations (https://hl7.org/fhir/uv/bulkdata/), by where they run
+_BULK = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
+_BULK_DOC = ("Prefer: respond-async; _outputFormat application/fhir+ndjson, _since, _type; status at the "
+             "Content-Location URL, files readable only by the client that started the export; 42 CFR Part 2 "
+             "consent applies to every line")
+BULK_EXPORT = {
+    "*": {"name": "export", "definition": f"{_BULK}/export", "documentation": _BULK_DOC},
+    "Patient": {"name": "export", "definition": f"{_BULK}/patient-export", "documentation": _BULK_DOC},
+    "Group": {"name": "export", "definition": f"{_BULK}/group-export",
+              "documentation": "One Group per payer (identifier: the payer id in the site's payer system): the "
+                               "members' Patient, Coverage, EpisodeOfCare, Condition, Encounter and the payer's "
+                               "Claims; " + _BULK_DOC},
+}
+
+
 def _resource(registry: Registry, rt: str) -> dict:
     params = [{"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
               {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
@@ -82,6 +97,8 @@ def _resource(registry: Registry, rt: str) -> dict:
                        "documentation": "[type]/$validate (POST) and [type]/[id]/$validate (GET: the stored "
                                         "version; POST: the posted one as an update); mode and profile"}],
     }
+    if rt in BULK_EXPORT:  # FHIR Bulk Data (server/routes/export.py)
+        out["operation"].append(BULK_EXPORT[rt])
     if not out["supportedProfile"]:
         del out["supportedProfile"]
     return out
@@ -118,6 +135,7 @@ def capability_statement(registry: Registry, base: str) -> dict:
             "searchParam": [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],
             "operation": [{"name": "load-iop", "definition": f"{CANONICAL}/OperationDefinition/load-iop",
                            "documentation": "POST IOP record files (multipart/form-data, one file per record "
-                                            "type, named as in docs/record-format.md): mapped to FHIR and stored"}],
+                                            "type, named as in docs/record-format.md): mapped to FHIR and stored"},
+                          BULK_EXPORT["*"]],
         }],
     }

@@ -371,3 +371,24 @@ def test_load_iop_lists_what_it_wrote(api, secured_app):
     patients = refs(ev, "1")
     assert len(patients) == 25 and len([x for x in refs(ev, "4") if x.startswith("Patient/")]) == 25
     assert "resource(s) written" in ev["outcomeDesc"]
+
+
+def test_batch_entries_and_a_failed_transaction_are_audited(api):
+    client, writer, admin = api
+    h = {"Authorization": writer}
+    pid = client.post("/Patient", json=ALICE, headers=h).get_json()["id"]
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"Patient/{pid}"}},
+        {"request": {"method": "GET", "url": "Patient/missing-one"}}]}
+    r = client.post("/", json=batch, headers=h)
+    assert r.status_code == 200 and [e["response"]["status"][:3] for e in r.get_json()["entry"]] == ["200", "404"]
+    failing = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": ALICE, "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "DELETE", "url": "Patient/missing-one"}}]}
+    r = client.post("/", json=failing, headers=h)
+    assert r.status_code == 404
+    mine = events(client, admin, f"agent={client_id(writer)}&_sort=date")
+    assert [(e["action"], e["outcome"]) for e in mine] == [("C", "0"), ("R", "0"), ("R", "4"), ("E", "4")]
+    assert "batch" in subtypes(mine[1]) and "batch" in subtypes(mine[2])
+    assert refs(mine[1], "4") == [f"Patient/{pid}"] and refs(mine[2], "4") == ["Patient/missing-one"]
+    assert "transaction" in subtypes(mine[3]) and not refs(mine[3], "4")  # rolled back: nothing written
