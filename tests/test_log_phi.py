@@ -51,6 +51,11 @@ def test_scrubbing_keeps_paths_and_frames_but_not_queries_or_messages():
     except ValueError:
         import sys
         rec = logging.LogRecord("fhir_iop.x", logging.ERROR, __file__, 1, "failed %s", ("Patient/1",), sys.exc_info())
+    access = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, '%(h)s "%(r)s" %(s)s q=%(q)s',
+                               ({"h": "10.0.0.1", "r": f"GET /Patient?family={FIRST['family_name']} HTTP/1.1",
+                                 "s": "200", "q": f"family={FIRST['family_name']}"},), None)
+    line = scrub(access).getMessage()
+    assert line == f'10.0.0.1 "GET /Patient?{WITHHELD} HTTP/1.1" 200 q={WITHHELD}' and not phi_hits([line])
     text = logging.Formatter().format(scrub(rec))
     assert "failed Patient/1" in text and "test_log_phi.py" in text and "builtins.ValueError" in text
     assert FIRST["family_name"] not in text

@@ -1,7 +1,8 @@
 """PHI-free logs: what the application and the HTTP libraries log is scrubbed as each record is made.
 
 * Query strings are cut from the string arguments of werkzeug's request log line (``"GET
-  /Patient?name=… HTTP/1.1" 200``) and of urllib3's request lines: search parameters such as
+  /Patient?name=… HTTP/1.1" 200``), of gunicorn's access log (its ``%(r)s``, ``%(q)s``, ``%(U)s``…
+  atoms) and of urllib3's request lines: search parameters such as
   ``name=``, ``birthdate=`` or ``identifier=`` are PHI. The path stays (ids are not PHI here).
 * A logged exception keeps its type and stack frames (file, line, function, source line) but not
   its message, which may quote a value (a name in a record that failed to parse).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Mapping
 
 #: the loggers whose records are scrubbed (and their children: ``fhir_iop.bulk``, ``server.app``...)
 SCRUBBED = ("fhir_iop", "server", "werkzeug", "gunicorn", "urllib3", "requests", "flask")
@@ -43,6 +45,9 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
     if top in URL_LOGGERS:
         if isinstance(record.args, tuple):
             record.args = tuple(strip_query(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, Mapping):  # gunicorn's access log: atoms by name (q: the query string)
+            record.args = {k: (WITHHELD if k == "q" and v not in ("", "-") else
+                               strip_query(v) if isinstance(v, str) else v) for k, v in record.args.items()}
         if isinstance(record.msg, str) and not record.args:
             record.msg = strip_query(record.msg)
     if record.exc_info and record.exc_info[0] is not None:
