@@ -259,6 +259,10 @@ def test_writes_by_an_outside_client_cannot_probe_for_withheld_resources(app):
     r = api.post("/", bundle)
     assert r.status_code == 200 and r.json["entry"][0]["response"]["status"].startswith("201")
     assert PID.encode() not in b"".join(api.bodies)
+    # a conditional update whose criteria match only a withheld resource creates, as for no match
+    for rid in (PID, "no-such-patient"):
+        r = api.put(f"/Patient?_id={rid}", {"resourceType": "Patient", "active": True})
+        assert r.status_code == 201 and r.json["id"] not in (PID, "no-such-patient")
     internal = Api(app, "internal")  # the program itself sees the real one and the probe's
     assert internal.get(f"/Patient?identifier={MRN}&_summary=count").json["total"] == 2
     assert internal.get("/Encounter/enc-1").json["meta"]["versionId"] == "1"  # nothing was written

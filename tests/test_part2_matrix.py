@@ -287,3 +287,16 @@ def test_the_clinics_own_consents_as_signed(part2_app, monkeypatch):
     monkeypatch.setattr(gate_module, "today", lambda: date(2026, 3, 2))  # the day before the revocation
     assert count(bayshore, f"/Encounter?subject=Patient/{p5}") > 0
     assert assert_marked(ehr.bodies + payer.bodies + bayshore.bodies) > 0
+
+
+def test_an_unknown_organization_counts_only_what_is_not_part2(part2_app):
+    """Type-wide totals for a recipient without consents are exactly the unlabelled resources."""
+    internal, stranger = Api(part2_app, "internal"), Api(part2_app, "unknown")
+    label = "http://terminology.hl7.org/CodeSystem/v3-ActCode|42CFRPart2"
+    for rt in ("Encounter", "Patient", "Observation", "Practitioner", "Consent"):
+        everything = internal.get(f"/{rt}?_summary=count").json["total"]
+        unlabelled = internal.get(f"/{rt}?_security:not={label}&_summary=count").json["total"]
+        assert stranger.get(f"/{rt}?_summary=count").json["total"] == unlabelled <= everything
+        page = stranger.get(f"/{rt}?_count=1000").json
+        assert page.get("total", len(page.get("entry", ()))) == unlabelled == len(page.get("entry", ()))
+        assert not any("42CFRPart2" in orjson.dumps(e["resource"]).decode() for e in page.get("entry", ()))
