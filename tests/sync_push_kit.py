@@ -30,7 +30,7 @@ def clinic() -> list[dict]:
 
 
 def of_type(rt: str) -> list[dict]:
-    return [r for r in clinic() if r["resourceType"] == rt]
+    return [copy.deepcopy(r) for r in _clinic() if r["resourceType"] == rt]
 
 
 def connections(base_url: str = "http://ehr.test/fhir", recipient: str | None = RIVERSIDE, name: str = "riverside",
@@ -61,7 +61,7 @@ def mrn_of(patient: dict) -> str:
 
 
 def patient_ids(mrns) -> set[str]:
-    return {p["id"] for p in of_type("Patient") if any(i.get("value") in mrns for i in p.get("identifier", []))}
+    return {p["id"] for p in _clinic() if p["resourceType"] == "Patient" and any(i.get("value") in mrns for i in p.get("identifier", []))}
 
 
 def about(res: dict, pids: set[str]) -> bool:
