@@ -226,11 +226,17 @@ def with_consents(tx, access, items: list[tuple[Entity, dict | None]]) -> list[E
         return [e for e, _ in items]
     from fhir_iop.disclosure import Gate, labelled
     gate = None
+    decided: dict = {}  # (patient, type) → Decision: the gate decides by patient, type and access
     out = []
     for e, res in items:
         if res is not None and e.consent is None and labelled(res):
             gate = gate or Gate(tx, access)
-            d = gate.decide(res)
+            key = (e.patient, res.get("resourceType")) if e.patient else None
+            d = decided.get(key) if key else None
+            if d is None:
+                d = gate.decide(res)
+                if key:
+                    decided[key] = d
             e = Entity(e.ref, e.patient, d.consent, d.reason if d.reason in ("emergency", "withheld") else e.reason)
         out.append(e)
     return out
