@@ -121,7 +121,10 @@ def register(store, name: str, *, scopes: str, jwks: dict | None = None, jwks_ur
 
 
 def get(store, client_id: str) -> Client | None:
-    with store.engine.connect() as conn:
+    """The registration, read on every request (so disabling a client takes effect at once):
+    one statement on the store's autocommit reader, no BEGIN/ROLLBACK around it."""
+    with store.reading() as tx:
+        conn = tx.conn
         row = conn.execute(select(smart_client).where(smart_client.c.client_id == client_id)).first()
     return _client(row) if row is not None else None
 
