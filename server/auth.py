@@ -270,6 +270,7 @@ RULES.update({
     "resources.update": lambda a: [(a["rtype"], "update")],
     "resources.conditional_update": lambda a: [(a["rtype"], "conditional-update"), (a["rtype"], "search")],
     "resources.delete": lambda a: [(a["rtype"], "delete")],
+    "resources.conditional_delete": lambda a: [(a["rtype"], "delete"), (a["rtype"], "search")],
     # the history of everything includes the AuditEvents when they are stored as resources: admins only then
     "bundles.system_history": lambda a: [("*", "history-system")] + [(t, "history-type") for t in ADMIN_ONLY_TYPES
                                                                      if t in RESOURCE_TYPES],

@@ -86,9 +86,9 @@ def _resource(registry: Registry, rt: str) -> dict:
         "readHistory": True,
         "updateCreate": True,
         "conditionalCreate": True,
-        "conditionalRead": "not-supported",
+        "conditionalRead": "full-support",
         "conditionalUpdate": True,
-        "conditionalDelete": "not-supported",
+        "conditionalDelete": "single",
         "referencePolicy": ["literal", "local"],
         "searchInclude": includes,
         "searchRevInclude": revincludes,
@@ -124,9 +124,9 @@ def capability_statement(registry: Registry, base: str) -> dict:
             "documentation": "Unknown search parameters are ignored and reported in the searchset (Prefer: "
                              "handling=lenient, the default) or rejected with 400 (handling=strict). Prefer: "
                              "return=minimal|representation|OperationOutcome is honoured on writes. Chained "
-                             "parameters, _has, _include:iterate, composite parameters, PATCH and conditional "
-                             "read/delete are not supported. Input limits: a body over the configured size gets "
-                             "413; JSON nested deeper than 100 levels, with a name twice in one object or with "
+                             "parameters, _has, _include:iterate, composite parameters and PATCH are not "
+                             "supported; conditional delete removes one match (412 if several). Input limits: "
+                             "a body over the configured size gets 413; JSON nested deeper than 100 levels, with a name twice in one object or with "
                              "control characters in strings gets 400; XML with a DOCTYPE or entity declaration "
                              "gets 400; a body that is not FHIR JSON or XML gets 415; an Accept or _format "
                              "asking for neither gets 406.",

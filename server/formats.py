@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -179,6 +179,26 @@ def prefer() -> dict[str, str]:
         if k:
             out[k.strip().lower()] = v.strip().strip('"').lower()
     return out
+
+
+def not_modified(version_id: int, last_updated: datetime) -> bool:
+    """Conditional read: true when ``If-None-Match`` names the current version (or ``*``), or, without
+    it, when nothing changed since ``If-Modified-Since`` (HTTP dates have whole seconds; an unparsable
+    date is ignored, as RFC 9110 says)."""
+    inm = request.headers.get("If-None-Match")
+    if inm is not None:
+        tags = {t.strip().removeprefix("W/").strip('"') for t in inm.split(",")}
+        return "*" in tags or str(version_id) in tags
+    ims = request.headers.get("If-Modified-Since")
+    if ims:
+        try:
+            since = parsedate_to_datetime(ims)
+        except (TypeError, ValueError, IndexError):
+            return False
+        if since.tzinfo is None:
+            return False  # not an HTTP date (they are GMT)
+        return last_updated.replace(tzinfo=UTC, microsecond=0) <= since
+    return False
 
 
 def if_match() -> int | None:

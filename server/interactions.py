@@ -144,6 +144,18 @@ def conditional_update(tx: Tx, rt: str, query: str, res: dict, if_match: int | N
     return _written(tx.conditional_update(rt, query, res, if_match), rt, tx)
 
 
+def conditional_delete(tx: Tx, rt: str, query: str) -> Result:
+    """DELETE Type?criteria (conditionalDelete: single): delete the one match; nothing to do if none
+    matches (what this request may not see does not match); 412 if several do."""
+    from fhir_iop.store.errors import PreconditionFailed
+    found = tx.match(rt, query)
+    if len(found) > 1:
+        raise PreconditionFailed(f"{rt}?{query} matches more than one resource; conditional delete removes one")
+    if not found:
+        return Result(204, message=f"no {rt} matches {query!r}; nothing deleted")
+    return delete(tx, rt, found[0].id)
+
+
 def delete(tx: Tx, rt: str, rid: str, if_match: int | None = None) -> Result:
     gated(tx)
     w = tx.delete(rt, rid, if_match)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from server_kit import app, client, db_url  # noqa: F401  (fixtures)
+from server_kit import app, client, db_url, secured_app  # noqa: F401  (fixtures)
 
 from fhir_iop.store import params
 
@@ -143,3 +143,62 @@ def test_validate_reports_a_mistyped_coding_system_instead_of_failing(client):
             "clinicalStatus": {"coding": [{"system": [], "code": "active"}]}}
     found = errors(client.post("/Condition/$validate", data=orjson.dumps(cond), content_type=FHIR_JSON))
     assert found and any("system" in (i.get("diagnostics", "") + str(i.get("expression", ""))) for i in found)
+
+
+# -- conditional read and conditional delete -------------------------------------------------------------
+
+def test_conditional_read_answers_304(client):
+    r = client.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON)
+    pid, etag, modified = r.json["id"], r.headers["ETag"], r.headers["Last-Modified"]
+    assert etag == 'W/"1"'
+    r = client.get(f"/Patient/{pid}", headers={"If-None-Match": etag})
+    assert r.status_code == 304 and r.get_data() == b"" and r.headers["ETag"] == etag
+    assert client.get(f"/Patient/{pid}", headers={"If-None-Match": '"1", W/"7"'}).status_code == 304
+    assert client.get(f"/Patient/{pid}", headers={"If-None-Match": "*"}).status_code == 304
+    assert client.get(f"/Patient/{pid}", headers={"If-Modified-Since": modified}).status_code == 304
+    assert client.get(f"/Patient/{pid}/_history/1", headers={"If-None-Match": etag}).status_code == 304
+    # a newer version, an older date or a date that is not one: the resource
+    client.put(f"/Patient/{pid}", data=orjson.dumps({**PATIENT, "id": pid, "gender": "other"}), content_type=FHIR_JSON)
+    r = client.get(f"/Patient/{pid}", headers={"If-None-Match": etag})
+    assert r.status_code == 200 and r.json["meta"]["versionId"] == "2"
+    assert client.get(f"/Patient/{pid}", headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 200
+    assert client.get(f"/Patient/{pid}", headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    # If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2)
+    assert client.get(f"/Patient/{pid}", headers={"If-None-Match": etag, "If-Modified-Since": modified}) \
+        .status_code == 200
+    # not a read: writes ignore If-None-Match, a missing resource is still 404
+    assert client.get("/Patient/nobody", headers={"If-None-Match": "*"}).status_code == 404
+
+
+def test_conditional_delete(client):
+    def make(mrn):
+        res = {**PATIENT, "identifier": [{"system": "urn:oid:2.16.840.1.113883.4.642.99", "value": mrn}]}
+        return client.post("/Patient", data=orjson.dumps(res), content_type=FHIR_JSON).json["id"]
+
+    a, _, _ = make("D-1"), make("D-2"), make("D-2")
+    r = client.delete("/Patient?identifier=urn:oid:2.16.840.1.113883.4.642.99|D-1")
+    assert r.status_code == 204
+    assert client.get(f"/Patient/{a}").status_code == 410
+    r = client.delete("/Patient?identifier=urn:oid:2.16.840.1.113883.4.642.99|D-2")
+    assert r.status_code == 412 and r.json["resourceType"] == "OperationOutcome"
+    assert client.get("/Patient?identifier=D-2").json["total"] == 2  # nothing deleted
+    assert client.delete("/Patient?identifier=nobody").status_code == 204  # no match: nothing to do
+    assert client.delete("/Patient").status_code == 400
+    assert client.delete("/Patient?bogus=1").status_code == 400  # unknown parameters are errors here
+    cs = client.get("/metadata").json
+    served = [r for r in cs["rest"][0]["resource"] if r["type"] in params.RESOURCE_TYPES]
+    assert {r["conditionalDelete"] for r in served} == {"single"}  # (AuditEvent is append-only)
+    assert {r["conditionalRead"] for r in served} == {"full-support"}
+
+
+def test_conditional_delete_needs_the_delete_scope(secured_app):  # noqa: F811
+    from server_kit import token_for
+    c = secured_app.test_client()
+    admin = {"Authorization": token_for(secured_app, scopes="system/*.*", admin=True)}
+    pid = c.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON, headers=admin).json["id"]
+    reader = {"Authorization": token_for(secured_app, scopes="system/Patient.rs")}
+    r = c.delete("/Patient?identifier=V-1", headers=reader)
+    assert r.status_code == 403 and r.json["resourceType"] == "OperationOutcome"
+    deleter = {"Authorization": token_for(secured_app, scopes="system/Patient.ds")}
+    assert c.delete("/Patient?identifier=V-1", headers=deleter).status_code == 204
+    assert c.get(f"/Patient/{pid}", headers=admin).status_code == 410

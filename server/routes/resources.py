@@ -12,7 +12,7 @@ from fhir_iop.store.params import date_range
 from fhir_iop.store.repository import check_type
 from server import bundles, interactions
 from server.app import base_url, state
-from server.formats import if_match, prefer, read_body, respond
+from server.formats import if_match, not_modified, prefer, read_body, respond
 from server.interactions import GatedStore, Result, gated
 
 bp = Blueprint("resources", __name__)
@@ -24,6 +24,10 @@ def send(result: Result):
     status = result.status
     if payload is not None and status == 204:
         status = 200
+    s = result.stored
+    if request.method in ("GET", "HEAD") and status == 200 and s is not None and \
+            not_modified(s.version_id, s.last_updated):  # conditional read (If-None-Match, If-Modified-Since)
+        return respond(None, 304, result.headers(base_url))
     return respond(payload, status, result.headers(base_url))
 
 
@@ -92,6 +96,18 @@ def update(rtype: str, rid: str):
     body = read_body()
     with store().transaction() as tx:
         result = interactions.update(tx, rtype, rid, body, if_match())
+    return send(result)
+
+
+@bp.delete("/<rtype>")
+def conditional_delete(rtype: str):
+    check_type(rtype)
+    query = urlencode([(k, v) for k, v in request.args.items(multi=True) if k not in ("_format", "_pretty")])
+    if not query:
+        raise Invalid("DELETE without an id needs search criteria (conditional delete), e.g. ?identifier=system|value",
+                      status=400)
+    with store().transaction() as tx:
+        result = interactions.conditional_delete(tx, rtype, query)
     return send(result)
 
 
