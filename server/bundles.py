@@ -12,7 +12,7 @@ import orjson
 from fhir_iop.store import Stored
 from fhir_iop.store.repository import instant, now
 from fhir_iop.store.search import Query, SearchResult
-from server.elements import subset
+from server.elements import SUMMARY_MODES, subset, summarize
 from server.errors import outcome
 
 
@@ -61,6 +61,8 @@ def searchset(base: str, path: str, q: Query, r: SearchResult, out=None) -> byte
             links.append(("last", link(((r.total - 1) // q.count) * q.count)))
     entries = []
     for rt, rid, body in r.matches:
+        if q.summary in SUMMARY_MODES:
+            body = summarize(body, q.summary)
         entries.append(_entry(base, rt, rid, out(rt, rid, subset(body, q.elements) if q.elements else body), "match"))
     for rt, rid, body in r.included:
         entries.append(_entry(base, rt, rid, out(rt, rid, body), "include"))

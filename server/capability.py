@@ -25,7 +25,7 @@ RESULT_PARAMS = [
     ("_count", "number", "Page size (default 50, at most 1000)"),
     ("_offset", "number", "Start of the page (the next/previous links carry it)"),
     ("_sort", "special", "_id, _lastUpdated, or a date, string, token or quantity parameter; - for descending"),
-    ("_summary", "token", "count (or false)"),
+    ("_summary", "token", "count, true (the elements R4 marks isSummary), text, data or false; also on read"),
     ("_elements", "string", "Top-level elements to return (mandatory ones are always kept)"),
     ("_total", "token", "accurate: always; estimate (default): exact up to 1000 matches, left out above; none"),
 ]

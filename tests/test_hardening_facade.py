@@ -202,3 +202,32 @@ def test_conditional_delete_needs_the_delete_scope(secured_app):  # noqa: F811
     deleter = {"Authorization": token_for(secured_app, scopes="system/Patient.ds")}
     assert c.delete("/Patient?identifier=V-1", headers=deleter).status_code == 204
     assert c.get(f"/Patient/{pid}", headers=admin).status_code == 410
+
+
+# -- _summary ------------------------------------------------------------------------------------------
+
+def test_summary_modes_on_search_and_read(client):
+    res = {**PATIENT, "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Ana</div>'},
+           "maritalStatus": {"text": "married"}, "communication": [{"language": {"text": "Spanish"}}]}
+    pid = client.post("/Patient", data=orjson.dumps(res), content_type=FHIR_JSON).json["id"]
+    subsetted = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+
+    def got(mode):
+        bundle = client.get(f"/Patient?_id={pid}&_summary={mode}").json
+        read = client.get(f"/Patient/{pid}?_summary={mode}").json
+        assert bundle["entry"][0]["resource"] == read
+        return read
+
+    true = got("true")  # isSummary elements: identifier, name, gender, birthDate…; not text, maritalStatus
+    assert {"identifier", "name", "gender", "birthDate", "id", "meta"} <= set(true)
+    assert "text" not in true and "maritalStatus" not in true and "communication" not in true
+    assert subsetted in true["meta"]["tag"]
+    text = got("text")
+    assert set(text) == {"resourceType", "id", "meta", "text"}
+    data = got("data")
+    assert "text" not in data and data["maritalStatus"] == {"text": "married"} and subsetted in data["meta"]["tag"]
+    full = client.get(f"/Patient/{pid}?_summary=false").json
+    assert "text" in full and "tag" not in full["meta"]
+    assert client.get(f"/Patient?_id={pid}&_summary=count").json["total"] == 1
+    r = client.get(f"/Patient?_summary=bogus", headers={"Prefer": "handling=strict"})
+    assert r.status_code == 400 and r.json["resourceType"] == "OperationOutcome"

@@ -45,6 +45,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 DEFINITIONS = DATA / "r4-search-parameters.json"
 #: resource type → its top-level elements with min ≥ 1 (packaged, for ``_elements``)
 REQUIRED_ELEMENTS = DATA / "r4-required-elements.json"
+#: resource type → its top-level elements marked isSummary (packaged, for ``_summary=true``)
+SUMMARY_ELEMENTS = DATA / "r4-summary-elements.json"
 
 MIN_DATE = datetime(1, 1, 1)
 MAX_DATE = datetime(9999, 12, 31, 23, 59, 59, 999999)
@@ -323,14 +325,17 @@ def package_definitions(src: Path = NPM_R4, types: tuple[str, ...] = RESOURCE_TY
     sp = {"resourceType": "Bundle", "id": "fhir-iop-r4-search-parameters", "type": "collection",
           "meta": bundle.get("meta", {}), "entry": entries}
     required: dict[str, list[str]] = {}
+    summary: dict[str, list[str]] = {}
     for e in orjson.loads((src / "profiles-resources.json").read_bytes()).get("entry", ()):
         sd = e.get("resource", {})
         if sd.get("resourceType") == "StructureDefinition" and sd.get("kind") == "resource" and sd["id"] in types:
-            required[sd["id"]] = [el["path"].split(".", 1)[1] for el in sd.get("snapshot", {}).get("element", ())
-                                  if el["path"].count(".") == 1 and el.get("min", 0) >= 1]
+            top = [el for el in sd.get("snapshot", {}).get("element", ()) if el["path"].count(".") == 1]
+            required[sd["id"]] = [el["path"].split(".", 1)[1] for el in top if el.get("min", 0) >= 1]
+            summary[sd["id"]] = [el["path"].split(".", 1)[1] for el in top if el.get("isSummary")]
     opts = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
     return {DEFINITIONS.name: orjson.dumps(sp, option=opts),
-            REQUIRED_ELEMENTS.name: orjson.dumps(dict(sorted(required.items())), option=opts)}
+            REQUIRED_ELEMENTS.name: orjson.dumps(dict(sorted(required.items())), option=opts),
+            SUMMARY_ELEMENTS.name: orjson.dumps(dict(sorted(summary.items())), option=opts)}
 
 
 if __name__ == "__main__":  # python -m fhir_iop.store.params: regenerate fhir_iop/data from node_modules

@@ -5,7 +5,7 @@ Supported, for every indexed parameter of a type: token (``system|code``, ``|cod
 ``:contains``; case- and accent-insensitive), date (prefixes eq ne lt le gt ge sa eb), reference
 (``Type/id``, ``id``, absolute URL; ``:Type``), quantity/number (prefixes, ``value|system|code``),
 with ``,`` as OR and repeated parameters as AND; ``_id``, ``_lastUpdated``; and the result
-parameters ``_count``, ``_offset``, ``_sort``, ``_include``, ``_revinclude``, ``_summary=count``,
+parameters ``_count``, ``_offset``, ``_sort``, ``_include``, ``_revinclude``, ``_summary``,
 ``_elements``, ``_total``. Paging is by offset over a total order (the sort keys, then the row id).
 """
 
@@ -138,10 +138,10 @@ def _result_param(registry, q: Query, base, modifier, value, max_count, unknown)
         (q.include if base == "_include" else q.revinclude).append((src, parts[1], parts[2] if len(parts) == 3
                                                                     else None))
     elif base == "_summary":
-        if value == "count":
-            q.summary = "count"
+        if value in ("count", "true", "text", "data"):  # true/text/data: server/elements.py summarize()
+            q.summary = value
         elif value != "false":
-            unknown("_summary", value, f"_summary={value} is not supported (only count and false)")
+            unknown("_summary", value, f"_summary={value} is not supported (count, true, text, data, false)")
             return False
     elif base == "_elements":
         q.elements = [e.strip() for e in value.split(",") if e.strip()]

@@ -12,6 +12,7 @@ from fhir_iop.store.params import date_range
 from fhir_iop.store.repository import check_type
 from server import bundles, interactions
 from server.app import base_url, state
+from server.elements import SUMMARY_MODES, summarize
 from server.formats import if_match, not_modified, prefer, read_body, respond
 from server.interactions import GatedStore, Result, gated
 
@@ -25,9 +26,11 @@ def send(result: Result):
     if payload is not None and status == 204:
         status = 200
     s = result.stored
-    if request.method in ("GET", "HEAD") and status == 200 and s is not None and \
-            not_modified(s.version_id, s.last_updated):  # conditional read (If-None-Match, If-Modified-Since)
-        return respond(None, 304, result.headers(base_url))
+    if request.method in ("GET", "HEAD") and status == 200 and s is not None:
+        if not_modified(s.version_id, s.last_updated):  # conditional read (If-None-Match, If-Modified-Since)
+            return respond(None, 304, result.headers(base_url))
+        if request.args.get("_summary") in SUMMARY_MODES and payload is s.body:  # read/vread ?_summary=
+            payload = summarize(payload, request.args["_summary"])
     return respond(payload, status, result.headers(base_url))
 
 
