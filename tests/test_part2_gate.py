@@ -18,7 +18,6 @@ from fhir_iop.disclosure import NOTICE, REDISCLOSURE_MARK, Decision, Gate, grant
 from fhir_iop.mapping.common import PART2_LABELS, MappingContext
 from fhir_iop.mapping.consent import covers
 from fhir_iop.records.model import Consent
-from fhir_iop.security.access import Access
 from fhir_iop.store import Store
 from fhir_iop.store import repository as repo
 from fhir_iop.store.engine import upgrade

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from part2_kit import ACCESS, CONSENT_FOR, SCENARIOS, Api, clinic_url, part2_app, scenario_consent, store_of  # noqa: F401
+from part2_kit import CONSENT_FOR, SCENARIOS, Api, clinic_url, part2_app, scenario_consent, store_of  # noqa: F401
 from sqlalchemy import select
 
 from fhir_iop.disclosure import NOTICE, notice_of
