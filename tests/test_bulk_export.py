@@ -317,6 +317,7 @@ def test_a_member_without_payment_consent_is_absent_from_every_file_and_count(se
         from fhir_iop.disclosure import notice_of
         for rs in files.values():
             for res in rs:
+                assert r4.structure_errors(res) == [], res["id"]  # valid R4, marked
                 assert notice_of(res) is not None
                 assert "NORDSCLCD" in {s["code"] for s in res["meta"]["security"]}
 
