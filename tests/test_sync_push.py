@@ -198,6 +198,10 @@ def test_a_dead_worker_lease_runs_out_and_another_sends_it(store, ehr):
     assert push(store, store.conn, at=lambda: t0 + timedelta(seconds=30)) == {}  # leased
     assert push(store, store.conn, at=lambda: t0 + timedelta(seconds=61)) == {"sent": 2}
     assert all(r.lease_owner is None for r in rows(store))
+    # the slow worker comes back: its messages are not its own any more, it sends nothing
+    opts = push_mod.Options.of(store.conn)
+    assert [push_mod.send_one(store, store.conn, None, m, "dead-worker", opts) for m in claimed] == ["lost", "lost"]
+    assert len(ehr.requests) == 2
 
 
 def test_workers_at_once_send_each_message_exactly_once(store, ehr):

@@ -5,7 +5,9 @@ One message at a time (:func:`push`):
 1. **Claim** a batch in a short write transaction: ``SELECT … FOR UPDATE SKIP LOCKED`` on
    PostgreSQL (two workers never claim the same row; a row another worker holds is skipped, not
    waited for), ``BEGIN IMMEDIATE`` on SQLite (one writer at a time). Claimed rows go ``inflight``
-   with ``lease_owner`` (the worker) and ``lease_expires``. Due: ``pending`` with
+   with ``lease_owner`` (the worker) and ``lease_expires``; the lease of each message is renewed
+   just before it is sent (a message whose lease went to another worker meanwhile is skipped), so
+   ``lease`` only has to outlast one message's send (its HTTP attempts and timeouts). Due: ``pending`` with
    ``next_attempt_at`` reached, or ``inflight`` whose lease ran out (its worker died). A message is
    not claimed while another message of the same resource is in flight, so versions go in order.
 2. **Part 2 gate**: the stored version is read and ``fhir_iop.disclosure.Gate(tx,
@@ -37,7 +39,7 @@ One message at a time (:func:`push`):
    attempts the message is ``dead``. :func:`replay` puts dead letters back to ``pending``.
 
 Options per connection (``push:`` in the connections file): ``batch`` (50), ``max_attempts`` (8),
-``lease`` (seconds, 300: longer than a batch takes: ``batch`` × the read timeout at worst),
+``lease`` (seconds, 300: longer than one message's send takes, retries and timeouts included),
 ``backoff`` (10 s), ``backoff_max`` (3600 s). The EhrClient retries quick transient failures itself
 (``retries:`` of the connection) within one attempt.
 
@@ -223,6 +225,17 @@ def _finish(tx, msg, worker: str, **values) -> bool:
     return done.rowcount == 1
 
 
+def _renew(store, msg, worker: str, lease: float, at: datetime | None = None) -> bool:
+    """Extend the lease of one claimed message just before it is sent (False: no longer ours).
+    So a message is held ``lease`` seconds from its own send, however long its batch took."""
+    t = at or now()
+    with store.transaction() as tx:
+        done = tx.conn.execute(update(sync_outbox).where(
+            sync_outbox.c.id == msg.id, sync_outbox.c.state == INFLIGHT, sync_outbox.c.lease_owner == worker)
+            .values(lease_expires=t + timedelta(seconds=lease)))
+        return done.rowcount == 1
+
+
 def _was_sent(conn, msg) -> bool:
     o = sync_outbox.c
     return conn.execute(select(o.id).where(o.connection == msg.connection, o.resource_type == msg.resource_type,
@@ -289,6 +302,8 @@ def send_one(store, connection, client, msg, worker: str, opts: Options, at: dat
     from fhir_iop.audit import record
     from fhir_iop.sync.client import EhrError
     rt, rid = msg.resource_type, msg.resource_id
+    if not _renew(store, msg, worker, opts.lease, at):
+        return "lost"  # the batch took longer than the lease and another worker has it now
     prep = prepare(store, connection, msg)
     if prep.verdict:
         state = {"withheld": WITHHELD, "dead": DEAD, "skip": SENT}[prep.verdict]
