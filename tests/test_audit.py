@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 from datetime import UTC, datetime, timedelta
 
 import jwt
+import orjson
 import pytest
 from part2_kit import ACCESS, CLINIC, clinic_url, part2_app  # noqa: F401  (fixtures)
 from server_kit import db_url, secured_app, token_for  # noqa: F401  (fixtures)
@@ -327,8 +328,20 @@ def test_the_database_refuses_to_change_or_drop_an_auditevent(secured_app):
         w = tx.create(ALICE)
         tx.update("Patient", w.stored.id, {**ALICE, "id": w.stored.id, "gender": "other"})
         tx.delete("Patient", w.stored.id)
+    from fhir_iop.audit import index_rows
+    from fhir_iop.store.models import INDEX_TABLES
     with store.reading() as tx:
-        assert tx.conn.execute(resource.select().where(resource.c.id == eid)).first().type == "AuditEvent"
+        row = tx.conn.execute(resource.select().where(resource.c.id == eid)).first()
+        assert row.type == "AuditEvent"
+        stored = {kind: sorted((r.param, *[getattr(r, c) for c in cols]) for r in tx.conn.execute(
+            INDEX_TABLES[kind].select().where(INDEX_TABLES[kind].c.rid == row.rid)))
+            for kind, cols in (("token", ("system", "code")), ("date", ("low", "high")),
+                               ("reference", ("target_type", "target_id", "url")), ("string", ("value",)))}
+    expected = index_rows(orjson.loads(row.body))
+    for kind, cols in (("token", ("system", "code")), ("date", ("low", "high")),
+                       ("reference", ("target_type", "target_id", "url")), ("string", ("value",))):
+        assert stored[kind] == sorted((r["param"], *[r[c] for c in cols]) for r in expected[kind]), kind
+    assert stored["token"] and stored["date"] and stored["reference"]
 
 
 @pytest.mark.parametrize("action", sorted(ACTIONS))

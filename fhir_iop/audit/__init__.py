@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from fhir_iop.security.access import Access
 from fhir_iop.store.models import INDEX_TABLES, resource
@@ -401,11 +401,47 @@ _INSERT = insert(resource)
 _INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 
 
+#: PostgreSQL: the row and all its index rows in ONE statement (one round trip instead of one per row;
+#: the index rows travel as JSON arrays). Table names are unqualified: the connection's search_path.
+_PG_WRITE = text("""
+WITH r AS (
+  INSERT INTO resource (type, id, version_id, last_updated, deleted, body)
+  VALUES ('AuditEvent', :id, 1, :when, false, :body) RETURNING rid
+), t AS (
+  INSERT INTO search_token (rid, type, param, system, code)
+  SELECT r.rid, 'AuditEvent', x.param, x.system, x.code
+  FROM r, json_to_recordset(CAST(:token AS json)) AS x(param text, system text, code text)
+), s AS (
+  INSERT INTO search_string (rid, type, param, value)
+  SELECT r.rid, 'AuditEvent', x.param, x.value
+  FROM r, json_to_recordset(CAST(:string AS json)) AS x(param text, value text)
+), d AS (
+  INSERT INTO search_date (rid, type, param, low, high)
+  SELECT r.rid, 'AuditEvent', x.param, x.low, x.high
+  FROM r, json_to_recordset(CAST(:date AS json)) AS x(param text, low timestamp, high timestamp)
+), f AS (
+  INSERT INTO search_reference (rid, type, param, target_type, target_id, url)
+  SELECT r.rid, 'AuditEvent', x.param, x.target_type, x.target_id, x.url
+  FROM r, json_to_recordset(CAST(:reference AS json)) AS x(param text, target_type text, target_id text, url text)
+), q AS (
+  INSERT INTO search_quantity (rid, type, param, value, system, code)
+  SELECT r.rid, 'AuditEvent', x.param, x.value, x.system, x.code
+  FROM r, json_to_recordset(CAST(:quantity AS json)) AS x(param text, value float8, system text, code text)
+)
+SELECT rid FROM r""")
+
+
 def write(conn, event: dict) -> str:
     """Appends ``event`` (an AuditEvent dict with an id) with its index rows on ``conn``."""
     when = datetime.strptime(event["recorded"], "%Y-%m-%dT%H:%M:%S.%fZ")
     body = dict(event)
     body["meta"] = {"versionId": "1", "lastUpdated": event["recorded"]}
+    if conn.dialect.name == "postgresql":
+        rows = index_rows(event)
+        conn.execute(_PG_WRITE, {"id": event["id"], "when": when, "body": orjson.dumps(body).decode(),
+                                 **{k: orjson.dumps(rows.get(k, [])).decode()
+                                    for k in ("token", "string", "date", "reference", "quantity")}}).scalar_one()
+        return event["id"]
     pk = conn.execute(_INSERT, {"type": AUDIT_TYPE, "id": event["id"], "version_id": 1, "last_updated": when,
                                 "deleted": False, "body": orjson.dumps(body).decode()}).inserted_primary_key[0]
     for kind, rows in index_rows(event).items():
