@@ -106,6 +106,10 @@ def test_decide_names_the_consent_and_the_reason(store):
         for table in (resource, resource_version):
             seen = {r.type for r in tx.conn.execute(select(table.c.type).where(payer.visible_clause(table)))}
             assert {"Encounter", "Coverage", "Practitioner"} <= seen and not seen & {"CarePlan", "Patient", "Consent"}
+        # also inside a SELECT that joins the index itself (an export listing Part 2 data)
+        joined = select(resource.c.type).select_from(resource.join(part2_resource, part2_resource.c.rid ==
+                                                                   resource.c.rid)).where(payer.visible_clause())
+        assert {r.type for r in tx.conn.execute(joined)} == {"Encounter", "Coverage"}
 
 
 DAYS = st.integers(min_value=-40, max_value=40)

@@ -66,10 +66,10 @@ class Gate:
         """What leaves goes to an outside recipient (and so carries the redisclosure prohibition)."""
         return self.access.recipient is not None
 
-    def _granted(self, patient_id, resource_type):
+    def _granted(self, patient_id, resource_type, grant=part2_grant):
         """A grant of the access's recipient and purpose for that patient and type, in force today
         (``covers``: start <= on <= end, not revoked on or before ``on``)."""
-        g, on = part2_grant.c, self.on
+        g, on = grant.c, self.on
         return and_(g.patient_id == patient_id, g.resource_type == resource_type,
                     g.recipient_id == self.access.recipient, g.purpose == self.access.purpose,
                     g.start_on <= on, or_(g.end_on.is_(None), g.end_on >= on),
@@ -80,9 +80,10 @@ class Gate:
         anything with a ``rid`` column) this access may see."""
         if self.unrestricted:
             return true()
-        p = part2_resource.c
-        withheld = select(p.rid).where(p.rid == resource_table.c.rid,
-                                       ~exists().where(self._granted(p.patient_id, p.type)))
+        # aliases of its own, so an enclosing SELECT that joins the index tables cannot capture them
+        pr, gr = part2_resource.alias("p2_res"), part2_grant.alias("p2_grant")
+        granted = exists(select(gr.c.consent_id).where(self._granted(pr.c.patient_id, pr.c.type, gr)))
+        withheld = select(pr.c.rid).where(pr.c.rid == resource_table.c.rid, ~granted)
         return ~exists(withheld)
 
     # -- one resource -----------------------------------------------------------------------------
