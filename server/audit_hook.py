@@ -378,9 +378,11 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
     kind = body["type"].removesuffix("-response")
     req = _request_bundle()
     req_entries = (req.get("entry") or []) if isinstance(req, dict) else []
+    req_entries = [x if isinstance(x, dict) else {} for x in req_entries] if isinstance(req_entries, list) else []
     events = []
     for n, e in enumerate(body.get("entry") or ()):
         r = req_entries[n].get("request") or {} if n < len(req_entries) else {}
+        r = r if isinstance(r, dict) else {}
         url = str(r.get("url") or "")
         parts = urlsplit(url)
         action, subtypes, rt, ref = classify(str(r.get("method") or "GET").upper(), parts.path)
@@ -439,7 +441,16 @@ def audit_response(response):
     try:
         from server.app import state
         access = _access()
-        events = events_for(response)
+        try:
+            events = events_for(response)
+        except Exception as e:  # a body this code cannot read: still one AuditEvent, with what the URL says
+            log.warning("audit: request %s described from its URL only (%s)", request_id(), type(e).__name__)
+            action, subtypes, rt, ref = classify(request.method, request.path)
+            events = [{"action": action if action != "transaction" else "operation",
+                       "outcome": outcome_for_status(response.status_code), "entities": [Entity(ref)] if ref else [],
+                       "subtypes": subtypes, "resource_type": rt, "network": request.remote_addr,
+                       "server": request.url_root.rstrip("/"), "request_id": request_id(),
+                       "description": f"HTTP {response.status_code}; the body could not be read for the audit"}]
         with state().store.transaction() as tx:
             for ev in events:
                 resources = ev.pop("_resources", None)

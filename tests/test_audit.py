@@ -405,3 +405,17 @@ def test_batch_entries_and_a_failed_transaction_are_audited(api):
     assert "batch" in subtypes(mine[1]) and "batch" in subtypes(mine[2])
     assert refs(mine[1], "4") == [f"Patient/{pid}"] and refs(mine[2], "4") == ["Patient/missing-one"]
     assert "transaction" in subtypes(mine[3]) and not refs(mine[3], "4")  # rolled back: nothing written
+
+
+def test_a_body_the_hook_cannot_read_is_still_audited_from_its_url(api, monkeypatch):
+    client, writer, admin = api
+    h = {"Authorization": writer}
+    pid = client.post("/Patient", json=ALICE, headers=h).get_json()["id"]
+
+    def unreadable(response):
+        raise KeyError("entry")
+    monkeypatch.setattr("server.audit_hook.events_for", unreadable)
+    assert client.get(f"/Patient/{pid}", headers=h).status_code == 200
+    monkeypatch.undo()
+    ev = [e for e in events(client, admin, f"agent={client_id(writer)}") if e["action"] == "R"]
+    assert len(ev) == 1 and refs(ev[0], "4") == [f"Patient/{pid}"] and "could not be read" in ev[0]["outcomeDesc"]
