@@ -76,3 +76,28 @@ def test_configuration_errors_exit_2_with_a_message(setup, tmp_path, monkeypatch
     assert code == 2 and "base_url" in err
     code, _, err = run("sync", "replay", "--database", url, "--id", 999999)
     assert code == 2 and "0 message(s)" in err
+
+
+def test_pull_is_wired_and_what_it_pulls_is_not_pushed_back(tmp_path):
+    cfg = tmp_path / "ehr.json"
+    cfg.write_text(json.dumps({"connections": {"riverside": {
+        "base_url": "http://ehr.test/fhir", "recipient": "RIVERSIDE-PC", "resources": {"Patient": "both"},
+        "retries": {"max_attempts": 1}, "strict": False}}}))
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    patient = {k: v for k, v in of_type("Patient")[0].items() if k not in ("id", "meta")}
+    patient.update(id="ehr-7", meta={"versionId": "3", "lastUpdated": "2026-11-20T10:00:00Z"})
+    try:
+        with responses.RequestsMock() as rsps:
+            rsps.add("GET", "http://ehr.test/fhir/Patient", json={
+                "resourceType": "Bundle", "type": "searchset", "entry": [
+                    {"resource": patient, "search": {"mode": "match"}}]})
+            code, _, err = run("sync", "pull", "--config", cfg, "--database", url)
+        assert code == 0, err
+        assert "sync pull riverside: 1 created" in err
+        code, out, _ = run("sync", "status", "--config", cfg, "--database", url, "--json")
+        st = json.loads(out)["riverside"]
+        assert st["cursors"]["Patient"]["cursor"] == "2026-11-20T10:00:00Z"
+        assert st["messages"]["pending"] == 0  # pulled (origin sync:riverside): not echoed back
+        assert st["runs"]["pull"]["ended"] is not None
+    finally:
+        configure({})

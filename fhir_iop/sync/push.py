@@ -352,14 +352,15 @@ def send_one(store, connection, client, msg, worker: str, opts: Options, at: dat
 def push(store, connection, client=None, worker: str | None = None, limit: int | None = None,
          at: Callable[[], datetime] = now) -> Counter:
     """Send every due message of ``connection`` (batch after batch, until none is due or ``limit``
-    messages were handled); counts per outcome. One ``sync_run`` row records the run."""
+    messages were handled); counts per outcome. One ``sync_run`` row records the run (none when
+    nothing was due)."""
     from fhir_iop.sync.client import EhrClient
     opts = Options.of(connection)
     worker = worker or worker_id()
     counts: Counter = Counter()
     own = client is None
     client = client or EhrClient(connection)
-    run_id = _run_start(store, connection.name, "push", worker)
+    run_id = None  # a run is recorded once it has something to do (an idle loop writes nothing)
     last_error = None
     try:
         while limit is None or sum(counts.values()) < limit:
@@ -367,6 +368,8 @@ def push(store, connection, client=None, worker: str | None = None, limit: int |
             msgs = claim(store, connection.name, worker, batch, opts.lease, at())
             if not msgs:
                 break
+            if run_id is None:
+                run_id = _run_start(store, connection.name, "push", worker)
             for msg in msgs:
                 outcome = send_one(store, connection, client, msg, worker, opts, at())
                 counts[outcome] += 1
@@ -376,7 +379,8 @@ def push(store, connection, client=None, worker: str | None = None, limit: int |
         last_error = f"{type(e).__name__}: {e}"[:2000]
         raise
     finally:
-        _run_end(store, run_id, counts, last_error)
+        if run_id is not None:
+            _run_end(store, run_id, counts, last_error)
         if own:
             client.close()
     return counts
