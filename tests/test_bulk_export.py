@@ -346,3 +346,21 @@ def test_a_member_without_payment_consent_is_absent_from_every_file_and_count(se
         audited[patients[0]] = [r for r in refs if r.startswith("Consent/")]
     assert set(audited) == allowed
     assert all(len(c) >= 1 for c in audited.values())
+
+
+def test_a_long_step_without_rows_keeps_the_job_alive(app, live, monkeypatch):
+    """The heartbeat runs beside the work: a payer rollup slower than the stale limit is not 'interrupted'."""
+    from fhir_iop.bulk import jobs
+    from fhir_iop.payer import store as payer_store
+    loaded(app)
+    app.config["EXPORT_STALE_SECONDS"] = 1
+    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.2)
+    real = payer_store.read_store_records
+
+    def slow(*args, **kwargs):
+        time.sleep(2.5)  # longer than the stale limit, no row written meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(payer_store, "read_store_records", slow)
+    manifest, files, _ = export(live, f"Group/{GROUP}/$export", _type="Claim")
+    assert [o["type"] for o in manifest["output"]] == ["Claim"] and files["Claim"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
+import threading
 from collections import defaultdict
 from datetime import date, datetime
 from pathlib import Path
@@ -55,7 +55,7 @@ GROUP_ALLOWED = GROUP_TYPES + ("Group",)
 PATIENT_TYPES = tuple(t for t in RESOURCE_TYPES if t not in ("Practitioner", "Organization", "Group"))
 #: ``_type`` values a system export takes
 SYSTEM_TYPES = tuple(t for t in RESOURCE_TYPES if t != "Group")
-BEAT_EVERY = 1000   # rows between heartbeats (and at least every jobs.HEARTBEAT_SECONDS)
+BEAT_EVERY = 1000   # rows between updates of the progress text
 
 
 class Cancelled(Exception):
@@ -98,20 +98,32 @@ class Export:
         self.rules = rules
         self.files = Files(self.dir)
         self.disclosed: dict[str, set[str]] = defaultdict(set)  # Patient id -> Consent refs
-        self.rows, self._last_beat = 0, time.monotonic()
+        self.rows = 0
+        self.progress = "started"
+        self.cancelled = threading.Event()
         since = self.params.get("since")
         self.since = datetime.fromisoformat(since) if since else None   # UTC, naive
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def tick(self, rt: str) -> None:
-        self.rows += 1
-        if self.rows % BEAT_EVERY and time.monotonic() - self._last_beat < jobs.HEARTBEAT_SECONDS:
-            return
-        self._last_beat = time.monotonic()
-        done = sum(self.files.counts.values())
-        if not jobs.beat(self.store, self.job.id, f"{rt}: {done} resources written"):
+        """Per row: stop once cancelled; the progress text the heartbeat thread reports."""
+        if self.cancelled.is_set():
             raise Cancelled()
+        self.rows += 1
+        if self.rows % BEAT_EVERY == 1:
+            self.progress = f"{rt}: {sum(self.files.counts.values())} resources written"
+
+    def heartbeat(self, stop: threading.Event) -> None:
+        """Runs beside the work (which may spend minutes in the payer rollup without a row to tick):
+        the job's heartbeat and progress every few seconds; notices a cancel."""
+        while not stop.wait(jobs.HEARTBEAT_SECONDS):
+            try:
+                if not jobs.beat(self.store, self.job.id, self.progress):
+                    self.cancelled.set()
+                    return
+            except Exception:  # the database is away for a moment: the next beat retries
+                log.warning("bulk export %s: heartbeat failed", self.job.id, exc_info=True)
 
     def emit(self, rt: str, res: dict, body: str | None, decision) -> None:
         pid = patient_of(res)
@@ -204,6 +216,8 @@ def run_job(store, job_id: str, access, directory: Path, ttl: int, ctx: MappingC
     if job is None or not jobs.start(store, job_id, now()):
         return  # cancelled before it started
     work = Export(store, job, access, directory, ctx or MappingContext(), rules)
+    stop = threading.Event()
+    threading.Thread(target=work.heartbeat, args=(stop,), daemon=True, name=f"bulk-export-beat-{job_id[:8]}").start()
     try:
         files, errors = work.run()
         if errors:
@@ -229,3 +243,5 @@ def run_job(store, job_id: str, access, directory: Path, ttl: int, ctx: MappingC
         log.exception("bulk export %s failed", job_id)
         shutil.rmtree(work.dir, ignore_errors=True)
         jobs.fail(store, job_id, "the export failed; the server log has the details", ttl)
+    finally:
+        stop.set()
