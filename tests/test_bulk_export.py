@@ -321,6 +321,16 @@ def test_a_member_without_payment_consent_is_absent_from_every_file_and_count(se
                 assert notice_of(res) is not None
                 assert "NORDSCLCD" in {s["code"] for s in res["meta"]["security"]}
 
+        # through REST the stored Group (every member) is Part 2 data about no single client: withheld from the
+        # payer, so neither its members nor its quantity leak; the payer's view of it is the export's Group.ndjson
+        found = requests.get(f"{srv.url}/Group", params={"identifier": f"{CTX.systems.payer}|{PAYER}"},
+                             headers=payer, timeout=30)
+        assert found.status_code == 200 and not found.json().get("entry"), found.text
+        assert requests.get(f"{srv.url}/Group/{GROUP}", headers=payer, timeout=30).status_code in (403, 404)
+        found = requests.get(f"{srv.url}/Group", params={"identifier": f"{CTX.systems.payer}|{PAYER}"},
+                             headers=admin, timeout=30).json()
+        assert found["entry"][0]["resource"]["quantity"] == len(members)  # the program sees every member
+
         # another client cannot read the payer's export: not its status, not its files
         job = manifest["output"][0]["url"].split("/")[-2]
         other = {"Authorization": token_for(app, PAYER_SCOPES, recipient=PAYER, purpose="HPAYMT")}

@@ -11,8 +11,11 @@ Convention (documented in server/README.md):
   (``Coverage.beneficiary``) of every Coverage whose payor is that payer and whose status is
   active, in id order; ``quantity`` their number;
 * the 42 CFR Part 2 labels when the site is a Part 2 program (being a member says the client is in
-  the program). The stored Group lists every member; an outside recipient's export sees only the
-  members its consents let go (``fhir_iop.bulk.runner``: ``_type=Group`` gives that view).
+  the program). The stored Group lists every member, so it is Part 2 data about no single client:
+  the disclosure gate withholds it from every outside recipient on the REST paths (read, search):
+  the program finds it by identifier, a payer is given its Group id by the site (``fhir-iop payer
+  groups`` prints them) and sees the Group in its export (``_type=Group``: only the members its
+  consents let go, ``quantity`` their number; ``fhir_iop.bulk.runner``).
 
 The Groups are derived from the Coverages in the store: :func:`refresh` rebuilds them (idempotent:
 an unchanged Group keeps its version). It runs at every ``$export`` kick-off and by
