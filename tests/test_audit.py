@@ -419,3 +419,24 @@ def test_a_body_the_hook_cannot_read_is_still_audited_from_its_url(api, monkeypa
     monkeypatch.undo()
     ev = [e for e in events(client, admin, f"agent={client_id(writer)}") if e["action"] == "R"]
     assert len(ev) == 1 and refs(ev[0], "4") == [f"Patient/{pid}"] and "could not be read" in ev[0]["outcomeDesc"]
+
+
+def test_read_paths_can_name_what_left_with_note(db_url):  # noqa: F811
+    """``fhir_iop.audit.note`` (for paths whose output the hook cannot read): merged into the event."""
+    from server import create_app
+    from fhir_iop.audit import note, noted
+    app = create_app({"DATABASE_URL": db_url, "TESTING": True, "INSECURE_NO_AUTH": True})
+
+    @app.get("/_test_stream")
+    def stream():  # a streamed body the hook does not parse
+        note("Observation/o1", patient="Patient/p1", consent="Consent/c9")
+        note("Observation/o1", reason="consent")  # a second note keeps what the first said
+        assert noted()["Observation/o1"].consent == "Consent/c9"
+        return app.response_class(iter([b"{}"]), mimetype="application/fhir+ndjson")
+
+    c = app.test_client()
+    assert c.get("/_test_stream").status_code == 200
+    note("Observation/o2")  # outside a request: nothing happens
+    ev = [e for e in trail(app, "entity=Observation/o1")]
+    assert len(ev) == 1 and refs(ev[0], "1") == ["Patient/p1"] and "Consent/c9" in refs(ev[0])
+    app.extensions["fhir_iop"].store.dispose()
