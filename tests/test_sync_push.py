@@ -210,9 +210,11 @@ def test_workers_at_once_send_each_message_exactly_once(store, ehr):
     n = len(rows(store))
     assert n == len(encs) > 20
     results, errors = [], []
+    start = threading.Barrier(4)
 
     def work(i):
         try:
+            start.wait()
             results.append(push(store, store.conn, worker=f"w{i}"))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -224,5 +226,6 @@ def test_workers_at_once_send_each_message_exactly_once(store, ehr):
         t.join()
     assert errors == []
     assert sum(r.get("sent", 0) for r in results) == n
+    assert sum(1 for r in results if r.get("sent")) >= 2  # they did work side by side
     assert len(ehr.requests) == n and set(ehr.writes.values()) == {1}
     assert {r.state for r in rows(store)} == {"sent"}
