@@ -440,3 +440,13 @@ def test_read_paths_can_name_what_left_with_note(db_url):  # noqa: F811
     ev = [e for e in trail(app, "entity=Observation/o1")]
     assert len(ev) == 1 and refs(ev[0], "1") == ["Patient/p1"] and "Consent/c9" in refs(ev[0])
     app.extensions["fhir_iop"].store.dispose()
+
+
+def test_xml_responses_are_audited_with_what_they_carry(api):
+    client, writer, admin = api
+    h = {"Authorization": writer}
+    pid = client.post("/Patient", json=ALICE, headers=h).get_json()["id"]
+    r = client.get("/Patient?identifier=urn:test:mrn|AUD-1&_format=xml", headers=h)
+    assert r.status_code == 200 and r.data.startswith(b"<?xml")
+    search = only([e for e in events(client, admin, f"agent={client_id(writer)}") if e["action"] == "E"])
+    assert refs(search, "4") == [f"Patient/{pid}"]
