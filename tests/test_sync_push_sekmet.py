@@ -96,14 +96,13 @@ def test_push_through_faults_and_a_killed_worker_sends_each_consented_resource_o
             "timeouts": {"connect": 2, "read": 1},
             "retries": {"max_attempts": 2, "backoff": 0.05, "backoff_max": 0.2, "max_retry_after": 0.5},
             "push": {"batch": 20, "lease": 3, "backoff": 0.1, "backoff_max": 0.5, "max_attempts": 20}}}}))
-        conns = configure(load_config(cfg))
+        configure(load_config(cfg))
         store = Store(pg_url)
         try:
             load(store, [CLINIC])  # the outbox hook queues the pushed types as they are stored
             queued = _status(store)["pending"]
             assert queued == sum(len(v) for v in expected.values()) + sum(len(v) for v in withheld.values())
 
-            put = "PUT /fhir/"
             proxy.plan(Fault("status", status=429, retry_after=1), Fault("status", status=500),
                        Fault("hang", seconds=3), Fault("hang", seconds=3), Fault("lose"), Fault("status", status=503),
                        Fault("lose"), match=lambda m, p: m == "PUT" and p.startswith("/fhir/Encounter"))
@@ -155,4 +154,3 @@ def test_push_through_faults_and_a_killed_worker_sends_each_consented_resource_o
             assert {k: n for k, n in ours.items() if n != 1} == {}, f"{rt}: duplicated on the EHR"
             assert set(ours) == want, f"{rt}: lost {len(want - set(ours))}, leaked {len(set(ours) - want)}"
             assert not (set(there) & withheld.get(rt, set())), f"{rt}: withheld data reached the EHR"
-        del conns
