@@ -24,10 +24,9 @@ string; logged exceptions without their message).
 
 from __future__ import annotations
 
-import base64
 import logging
 import uuid
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from flask import Blueprint, Flask, current_app, g, request
@@ -498,5 +497,4 @@ def init_app(app: Flask) -> None:
     app.after_request(audit_response)
 
 
-# base64 is imported for callers that decode entity.query in tests and tools
-__all__ = ["audit_response", "base64", "bp", "classify", "events_for", "init_app", "request_id"]
+__all__ = ["audit_response", "bp", "capability", "classify", "events_for", "init_app", "request_id"]
