@@ -318,3 +318,49 @@ def test_double_slashes_are_not_redirected_to_html(client):
     for url in ("/Patient//x", "/CarePlan/http%3A%2F%2F/$validate", "//Patient"):
         r = client.get(url)
         assert r.status_code in (400, 404) and r.json["resourceType"] == "OperationOutcome", (url, r.status_code)
+
+
+def test_nul_in_every_other_way_a_search_arrives_gets_400(client):
+    """Form-encoded POST _search, If-None-Exist, a Bundle entry's URL: parsed by one search parser, which
+    refuses control characters (PostgreSQL would fail on a NUL with a 500)."""
+    r = client.post("/Patient/_search", data="family=Ha%00rdy", content_type="application/x-www-form-urlencoded")
+    assert_outcome(r, 400, "control character")
+    r = client.post("/Patient", data=orjson.dumps(PATIENT), content_type=FHIR_JSON,
+                    headers={"If-None-Exist": "identifier=H-1%00"})
+    assert_outcome(r, 400, "control character")
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": PATIENT, "request": {"method": "PUT", "url": "Patient?identifier=%00"}}]}
+    assert_outcome(client.post("/", data=orjson.dumps(bundle), content_type=FHIR_JSON), 400, "control character")
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET",
+                                                                              "url": "Patient?name=%1b"}}]}
+    r = client.post("/", data=orjson.dumps(batch), content_type=FHIR_JSON)
+    assert r.status_code == 200 and r.json["entry"][0]["response"]["status"].startswith("400")
+    assert patient_count(client) == 0
+
+
+def test_the_store_refuses_control_characters_from_any_writer(app):
+    """The command line and sync write through the store, not the API's body checks."""
+    from fhir_iop.store import Invalid
+    store = app.extensions["fhir_iop"].store
+    bad = {**PATIENT, "id": "nul1", "name": [{"family": "Ha\x00rdy"}]}
+    for structure in (True, False):
+        with pytest.raises(Invalid) as e, store.transaction() as tx:
+            tx._validate(bad, structure=structure)
+        assert "Patient.name[0].family" in str(e.value.issues) and "U+0000" in str(e.value.issues)
+    with pytest.raises(Invalid), store.transaction() as tx:
+        tx.update("Patient", "nul1", bad)
+
+
+def test_record_files_with_control_characters_name_the_record_and_field(tmp_path):
+    lines = (Path(__file__).resolve().parents[1] / "examples" / "clinic" / "clients.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[1].split(",")
+    row[header.index("family_name")] = "Ha\x00rdy"
+    (tmp_path / "clients.csv").write_text("\n".join([lines[0], ",".join(row), lines[2]]) + "\n")
+    rec = {"mrn": "M1", "family_name": "Ha\x1brdy"}
+    (tmp_path / "nd").mkdir()
+    (tmp_path / "nd" / "clients.ndjson").write_bytes(orjson.dumps(rec) + b"\n")
+    code, out = run_cli("map", "to-fhir", tmp_path / "clients.csv", "-o", tmp_path / "out.json")
+    assert code == 1 and f"{tmp_path / 'clients.csv'}:2 [family_name]" in out and "U+0000" in out
+    code, out = run_cli("map", "to-fhir", tmp_path / "nd" / "clients.ndjson", "-o", tmp_path / "out2.json")
+    assert code == 1 and "clients.ndjson:1 [family_name]" in out and "U+001B" in out

@@ -10,6 +10,7 @@ resources should not carry them: http://hl7.org/fhir/DSTU2/xml.html), so a DOCTY
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -63,18 +64,45 @@ def model_class(resource_type: str):
 
 
 def structure_errors(resource: dict) -> list[tuple[str, str]]:
-    """``(location, message)`` for each structural error fhir.resources R4B finds."""
+    """``(location, message)`` for each structural error fhir.resources R4B finds, and for each string
+    holding a control character (:func:`text_errors`)."""
     rt = resource.get("resourceType") if isinstance(resource, dict) else None
     cls = model_class(rt) if isinstance(rt, str) else None
     if cls is None:
         return [("resourceType", f"unknown R4 resource type {rt!r}")]
+    found = text_errors(resource)
     try:
         cls.model_validate(resource)
     except ValidationError as e:
-        return [(".".join(str(p) for p in err["loc"]) or rt, err["msg"]) for err in e.errors(include_url=False)]
+        return found + [(".".join(str(p) for p in err["loc"]) or rt, err["msg"])
+                        for err in e.errors(include_url=False)]
     except Exception as e:  # fhir.resources raises plain errors for a few malformed shapes
-        return [(rt, str(e))]
-    return []
+        return found + [(rt, str(e))]
+    return found
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def text_errors(resource: dict, limit: int = 10) -> list[tuple[str, str]]:
+    """``(location, message)`` for strings and names holding a control character other than tab, CR and LF:
+    the R4 ``string`` type excludes them (datatypes.html#string), fhir.resources' pattern lets them
+    through, and PostgreSQL cannot store NUL. Iterative, at most ``limit`` findings."""
+    out: list[tuple[str, str]] = []
+    stack = [(resource, str(resource.get("resourceType", "")) if isinstance(resource, dict) else "")]
+    while stack and len(out) < limit:
+        value, loc = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            where = f"{loc}.{k}" if isinstance(k, str) else f"{loc}[{k}]"
+            if isinstance(k, str) and _CONTROL.search(k):
+                out.append((loc, f"an element name holds control character U+{ord(_CONTROL.search(k)[0]):04X}"))
+            elif isinstance(v, str) and (m := _CONTROL.search(v)):
+                out.append((where, f"the string holds control character U+{ord(m[0]):04X}, which FHIR strings "
+                                   "cannot contain"))
+            elif isinstance(v, (dict, list)):
+                stack.append((v, where))
+    return out
 
 
 def dump_json(resource: dict) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import typing
 from collections.abc import Iterator
 from datetime import date, datetime, time
@@ -97,6 +98,21 @@ def _bad_bytes(value: str) -> str | None:
     return None
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _control(value) -> str | None:
+    """``U+00XX`` of the first control character (C0 but tab, LF, CR) in a value, its items or parts."""
+    if isinstance(value, str):
+        m = _CONTROL.search(value)
+        return f"U+{ord(m[0]):04X}" if m else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((c for v in value if (c := _control(v)) is not None), None)
+    return None
+
+
 def _csv_cell(model: type[Record], name: str, cell: str):
     kind, part = shapes(model)[name]
     if kind == "list":
@@ -172,6 +188,9 @@ def read_csv(path: Path, model: type[Record], context: dict) -> Iterator[tuple[i
                 if "\n" in cell or "\r" in cell:
                     bad = Problem(where, "line break inside a cell (an unbalanced quote?)", field=name)
                     break
+                if (c := _control(cell)) is not None:
+                    bad = Problem(where, f"control character {c} in the cell", field=name)
+                    break
                 cell = cell.strip()
                 if cell:
                     try:
@@ -234,6 +253,10 @@ def read_ndjson(path: Path, model: type[Record], context: dict) -> Iterator[tupl
                 continue
             if not isinstance(data, dict):
                 yield Problem(where, f"expected a JSON object, got {type(data).__name__}")
+                continue
+            bad = next(((k, c) for k, v in data.items() if (c := _control([k, v])) is not None), None)
+            if bad is not None:
+                yield Problem(where, f"control character {bad[1]} in the value", field=str(bad[0])[:64])
                 continue
             result = _validate(model, data, where, context)
             if isinstance(result, list):

@@ -267,7 +267,9 @@ class Tx:
         if rt is not None and res["resourceType"] != rt:
             raise Invalid(f"the body is a {res['resourceType']}, the URL names {rt}", status=400)
         check_type(res["resourceType"])
-        issues = structure_issues(res) if structure else []
+        issues = structure_issues(res) if structure else [  # unchecked writes still never carry a NUL
+            {"severity": "error", "code": "structure", "diagnostics": msg, "expression": [loc]}
+            for loc, msg in r4.text_errors(res)]
         if issues:
             raise Invalid(f"{res['resourceType']} is not valid R4 ({len(issues)} issue(s))", issues)
 

@@ -59,6 +59,10 @@ class Query:
         return params + [("_count", str(self.count)), ("_offset", str(offset))]
 
 
+#: control characters (C0 but tab, LF, CR), refused in search parameters (see parse)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def split_values(value: str) -> list[str]:
     """Comma-separated alternatives, ``\\,`` kept as a comma."""
     return [v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value)]
@@ -75,6 +79,9 @@ def parse(registry: Registry, rt: str, params: list[tuple[str, str]], strict: bo
         q.unknown.append((f"{name}={value}", reason))
 
     for name, value in params:
+        if _CONTROL.search(name) or _CONTROL.search(value):  # whatever the route (query, form, If-None-Exist,
+            # Bundle entry URL): a NUL cannot reach the database (PostgreSQL refuses it) and FHIR has no such text
+            raise Invalid(f"search parameter {name[:40]!r} holds a control character", status=400)
         base, _, modifier = name.partition(":")
         modifier = modifier or None
         if name in TRANSPORT_PARAMS:
