@@ -186,6 +186,13 @@ def test_a_chunked_upload_over_the_wire_is_cut_off(small_app):
         ok = requests.post(f"{server.url}/Patient", data=iter([big_patient(100)]),
                            headers={"Content-Type": FHIR_JSON}, timeout=30)
         assert ok.status_code == 201, ok.text
+        # IOP record files to $load-iop: the multipart parser stops at the limit too (nothing half-loaded)
+        csv = (Path(__file__).resolve().parents[1] / "examples" / "clinic" / "attendance.csv").read_bytes()
+        body = (b'--xyz\r\nContent-Disposition: form-data; name="f"; filename="attendance.csv"\r\n\r\n'
+                + csv + b"\r\n--xyz--\r\n")
+        r = requests.post(f"{server.url}/$load-iop", data=iter([body[:3000], body[3000:]]),
+                          headers={"Content-Type": "multipart/form-data; boundary=xyz"}, timeout=30)
+        assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
 
 
 # -- JSON ------------------------------------------------------------------------------------------
@@ -209,6 +216,9 @@ def test_deeply_nested_json_gets_400_and_reasonable_nesting_passes(client):
     bundle = {"resourceType": "Bundle", "type": "transaction",
               "entry": [{"resource": nested(150), "request": {"method": "POST", "url": "Patient"}}]}
     assert_outcome(client.post("/", data=orjson.dumps(bundle), content_type=FHIR_JSON), 400, "nested deeper")
+    deep_xml = (b'<Patient xmlns="http://hl7.org/fhir">' + b'<extension url="u">' * 5000
+                + b"</extension>" * 5000 + b"</Patient>")  # past libxml2's depth limit (huge_tree off)
+    assert_outcome(client.post("/Patient", data=deep_xml, content_type=FHIR_XML), 400, "not FHIR XML")
     assert patient_count(client) == 1
 
 
