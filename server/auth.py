@@ -207,7 +207,7 @@ def check_entry(entry) -> None:
     from urllib.parse import parse_qsl
     method, rt, rid, query = entry.method, entry.type, entry.id, entry.query
     if method == "DELETE":
-        needs = [(rt, "delete")]
+        needs = [(rt, "delete")] + ([(rt, "search")] if rid is None else [])  # conditional delete searches
     elif method == "POST":
         needs = [(rt, "create")] + ([(rt, "search")] if entry.if_none_exist else [])
     elif method == "PUT":

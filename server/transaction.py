@@ -120,7 +120,9 @@ def _resolve_ids(tx: Tx, entries: list[Entry]) -> tuple[dict[str, str], dict[int
 def _run(tx: Tx, e: Entry, matched: dict[int, Result], search_fn) -> Result:
     if e.method == "DELETE":
         if e.id is None:
-            raise Invalid(f"entry {e.n}: conditional delete is not supported", status=400)
+            if not e.query:
+                raise Invalid(f"entry {e.n}: DELETE needs an id or search criteria (conditional delete)", status=400)
+            return interactions.conditional_delete(tx, e.type, e.query)
         return interactions.delete(tx, e.type, e.id, e.if_match)
     if e.method == "POST":
         if e.n in matched:

@@ -184,6 +184,17 @@ def test_conditional_delete(client):
     assert client.get("/Patient?identifier=D-2").json["total"] == 2  # nothing deleted
     assert client.delete("/Patient?identifier=nobody").status_code == 204  # no match: nothing to do
     assert client.delete("/Patient").status_code == 400
+    # in Bundles: a transaction deletes the one match; a batch entry with several matches is a 412 of its own
+    c = make("D-3")
+    tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient?identifier=urn:oid:2.16.840.1.113883.4.642.99|D-3"}}]}
+    r = client.post("/", data=orjson.dumps(tx), content_type=FHIR_JSON)
+    assert r.status_code == 200 and r.json["entry"][0]["response"]["status"].startswith("204"), r.json
+    assert client.get(f"/Patient/{c}").status_code == 410
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient?identifier=D-2"}}]}
+    r = client.post("/", data=orjson.dumps(batch), content_type=FHIR_JSON)
+    assert r.json["entry"][0]["response"]["status"].startswith("412")
     assert client.delete("/Patient?bogus=1").status_code == 400  # unknown parameters are errors here
     cs = client.get("/metadata").json
     served = [r for r in cs["rest"][0]["resource"] if r["type"] in params.RESOURCE_TYPES]
