@@ -222,6 +222,11 @@ def _decodes(raw: bytes) -> bool:
     return not _CONTROL.search(text)
 
 
+#: endpoints whose answers are not FHIR JSON/XML, so ``Accept`` is theirs to judge: Bulk Data NDJSON files
+#: (``Accept: application/fhir+ndjson``), the SMART configuration, token endpoint and JWKS (OAuth JSON)
+OWN_MEDIA_TYPES = {"export.download", "smart.configuration", "smart.token", "smart.jwks"}
+
+
 def check_request() -> None:
     """400 for a path or query string that is not UTF-8 or holds control characters; 406 when the client
     accepts nothing we produce. Runs before the view, so nothing is written for a request refused here."""
@@ -230,7 +235,7 @@ def check_request() -> None:
         raise FhirHttpError(400, "the request path is not UTF-8 or holds control characters")
     if not _decodes(unquote_to_bytes(request.query_string)):
         raise FhirHttpError(400, "the query string is not UTF-8 or holds control characters")
-    if negotiate() is None:
+    if negotiate() is None and request.endpoint not in OWN_MEDIA_TYPES:
         raise FhirHttpError(406, "the response can be FHIR JSON (application/fhir+json) or FHIR XML "
                                  "(application/fhir+xml); _format or Accept asks for neither")
 

@@ -374,3 +374,15 @@ def test_record_files_with_control_characters_name_the_record_and_field(tmp_path
     assert code == 1 and f"{tmp_path / 'clients.csv'}:2 [family_name]" in out and "U+0000" in out
     code, out = run_cli("map", "to-fhir", tmp_path / "nd" / "clients.ndjson", "-o", tmp_path / "out2.json")
     assert code == 1 and "clients.ndjson:1 [family_name]" in out and "U+001B" in out
+
+
+def test_endpoints_that_answer_other_media_types_judge_accept_themselves(client):
+    """A Bulk Data client asks for NDJSON files with Accept: application/fhir+ndjson, a JWKS fetcher for
+    application/jwk-set+json: no 406 from the FHIR negotiation."""
+    r = client.get("/auth/jwks", headers={"Accept": "application/jwk-set+json"})
+    assert r.status_code == 200 and "keys" in r.json
+    r = client.get("/.well-known/smart-configuration", headers={"Accept": "application/json"})
+    assert r.status_code == 200
+    r = client.get("/bulk-export/nope/Patient.ndjson", headers={"Accept": "application/fhir+ndjson"})
+    assert r.status_code == 404 and r.json["resourceType"] == "OperationOutcome"
+    assert_outcome(client.get("/Patient", headers={"Accept": "application/fhir+ndjson"}), 406)
