@@ -12,7 +12,8 @@ One message at a time (:func:`push`):
    not claimed while another message of the same resource is in flight, so versions go in order.
 2. **Part 2 gate**: the stored version is read and ``fhir_iop.disclosure.Gate(tx,
    Access(client_id="sync:<connection>", recipient=<connection.recipient>,
-   purpose=<connection.purpose>)).decide(...)`` must allow it. A refused message is not sent: it
+   purpose=<connection.purpose>)).decide(...)`` must allow it (a connection without ``recipient``
+   gets no Part 2 data at all: it is never taken for the program itself). A refused message is not sent: it
    becomes ``withheld`` with the gate's reason. Withheld messages are decided again when any
    Consent is written (the outbox hook reopens them) and by ``replay --state withheld``; a consent
    revoked while messages wait stops them at the next claim, because the gate runs at send time.
@@ -108,9 +109,15 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+#: the recipient of a connection that names none: an outside party no consent can name, so only
+#: data that is not Part 2 data goes to it (an EHR is never "the program itself" by omission)
+NO_RECIPIENT = "(no recipient configured)"
+
+
 def access_for(connection) -> Access:
     """Who a push acts as: the connection's recipient and purpose (Part 2)."""
-    return Access(client_id=f"sync:{connection.name}", recipient=connection.recipient, purpose=connection.purpose)
+    return Access(client_id=f"sync:{connection.name}", recipient=connection.recipient or NO_RECIPIENT,
+                  purpose=connection.purpose)
 
 
 def permanent(status: int | None) -> bool:
@@ -276,9 +283,11 @@ def prepare(store, connection, msg) -> Prepared:
         res = stored.resource
         decision = Gate(tx, access).decide(stored)
         if not decision.allowed:
+            why = (f"no consent of the patient covers recipient {connection.recipient} for {connection.purpose}"
+                   if connection.recipient else "the connection names no Part 2 recipient (recipient:), so only "
+                                                "data that is not Part 2 data goes to it")
             return Prepared(verdict="withheld", decision=decision,
-                            reason=f"withheld by the Part 2 gate ({decision.reason}): no consent of the patient "
-                                   f"covers recipient {connection.recipient} for {connection.purpose}")
+                            reason=f"withheld by the Part 2 gate ({decision.reason}): {why}")
         ident = identifier_of(res, rid)
         if ident is None:
             return Prepared(verdict="dead", reason=f"{rt}/{rid} has no IOP identifier and no UUID id to update by")
