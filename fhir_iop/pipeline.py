@@ -17,12 +17,13 @@ from fhir_iop.errors import InputError, Problem
 from fhir_iop.fhir import r4
 from fhir_iop.fhir.io import read_fhir
 from fhir_iop.mapping import (care_plan, client, consent, counseling_session, counselor, coverage, drug_screen,
-                              enrollment, group_session, mat_medication, program)
+                              enrollment, group_session, mat_medication, outside_medication, program, referral)
 from fhir_iop.mapping.common import KEY_SYSTEMS, FhirIndex, MappingContext, Unmappable, codings
 from fhir_iop.records.io import read_records, record_type_for
 from fhir_iop.records.model import (RECORD_TYPES, Attendance, CarePlan, CarePlanGoal, Client, Consent,
                                     CounselingSession, Counselor, Coverage, DrugScreen, Enrollment, GroupSession,
-                                    MatAdministration, MatDispense, MatMedication, Program, Record)
+                                    MatAdministration, MatDispense, MatMedication, OutsideMedication, Program, Record,
+                                    Referral)
 
 TO_FHIR = {
     Program: program.to_fhir, Counselor: counselor.to_fhir, Client: client.to_fhir,
@@ -31,6 +32,7 @@ TO_FHIR = {
     MatMedication: mat_medication.to_fhir, MatAdministration: mat_medication.administration_to_fhir,
     MatDispense: mat_medication.dispense_to_fhir, DrugScreen: drug_screen.to_fhir,
     CarePlan: care_plan.to_fhir, CarePlanGoal: care_plan.goal_to_fhir, Consent: consent.to_fhir,
+    Referral: referral.to_fhir, OutsideMedication: outside_medication.to_fhir,
 }
 
 #: resource type -> (record type, mapper) for resources that are records of their own
@@ -44,15 +46,18 @@ FROM_FHIR = {
     "DiagnosticReport": (DrugScreen, drug_screen.from_fhir),
     "CarePlan": (CarePlan, care_plan.from_fhir), "Goal": (CarePlanGoal, care_plan.goal_from_fhir),
     "Consent": (Consent, consent.from_fhir),
+    "ServiceRequest": (Referral, referral.from_fhir),
+    "MedicationStatement": (OutsideMedication, outside_medication.from_fhir),
 }
 #: resource types that map only as parts of another record, and what they are part of
-PARTS = {"Condition": "the diagnosis of an enrollment (EpisodeOfCare.diagnosis)",
+PARTS = {"Condition": "the diagnosis of an enrollment (EpisodeOfCare.diagnosis) or the reason for a referral "
+                      "(ServiceRequest.reasonReference)",
          "CareTeam": "the care team of an enrollment (EpisodeOfCare.team)",
          "Observation": "a result of a drug screen (DiagnosticReport.result)",
          "Specimen": "the specimen of a drug screen (DiagnosticReport.specimen)"}
 #: first-pass indexers per resource type
-INDEXERS = {"Condition": enrollment.index, "CareTeam": enrollment.index, "Observation": drug_screen.index,
-            "Specimen": drug_screen.index, "CarePlan": care_plan.index}
+INDEXERS = {"Condition": (enrollment.index, referral.index), "CareTeam": (enrollment.index,),
+            "Observation": (drug_screen.index,), "Specimen": (drug_screen.index,), "CarePlan": (care_plan.index,)}
 
 
 def record_files(inputs: Iterable[Path]) -> list[Path]:
@@ -163,8 +168,16 @@ def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
         if rt == "Organization" and res.get("name"):
             for r in refs:
                 ix.names[r] = res["name"]
-        if rt in INDEXERS:
-            INDEXERS[rt](res, ix, refs)
+        if rt == "Organization" and _is_program(res):
+            for r in refs:
+                ix.facts[r] = "program"
+        if rt == "Practitioner" and (name := client.name_text(res)):
+            for r in refs:
+                ix.names[r] = name
+        if rt == "Patient":
+            client.index(res, ix, refs)
+        for indexer in INDEXERS.get(rt, ()):
+            indexer(res, ix, refs)
         if rt == "Coverage":
             for p in res.get("payor", ()):
                 if k := FhirIndex.ref_key(p):
@@ -174,6 +187,8 @@ def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
 def _classify(res: dict, ctx: MappingContext):
     """(record type, mapper) for one resource, or raise Unmappable with the reason."""
     rt = res["resourceType"]
+    if rt == "MedicationRequest" and outside_medication.is_outside_request(res, ctx):
+        return OutsideMedication, outside_medication.from_fhir
     if rt in FROM_FHIR:
         return FROM_FHIR[rt]
     if rt == "Encounter":
@@ -189,9 +204,6 @@ def _classify(res: dict, ctx: MappingContext):
         types = ", ".join(f"{c.get('system', '?')}|{c.get('code')}" for c in codings(res.get("type"))) or "none"
         raise Unmappable(f"not an IOP service: type ({types}) is not group, individual or family "
                          "psychotherapy", "Encounter.type")
-    if rt == "MedicationStatement":
-        raise Unmappable("a MedicationStatement reports use, not an order: MAT maps from MedicationRequest, "
-                         "MedicationAdministration and MedicationDispense", rt)
     raise Unmappable(f"{rt} carries no concept of IOP records", rt)
 
 
@@ -216,6 +228,7 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
     invalid: dict[str, list[Problem]] = {}
     for p in paths:
         _index(read_fhir(p), ix, ctx, invalid)
+    client.resolve_links(ix)
     parts: dict[str, tuple[str, list[str]]] = {}  # PARTS resources: key -> (where, refs)
     for p in paths:
         for item in read_fhir(p):
@@ -229,6 +242,11 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
             rt = res["resourceType"]
             if rt in PARTS:
                 parts[_refs(res, full_url)[0]] = (where, _refs(res, full_url))
+                continue
+            if rt == "Patient" and (linked := client.linked_to(res, full_url, ix)):
+                yield Problem(where, f"linked (Patient.link seealso) to {linked} of this input: mapped as that "
+                              "client, whose empty fields it fills", field="Patient.link", severity="information",
+                              code="informational")
                 continue
             try:
                 model, mapper = _classify(res, ctx)
@@ -249,6 +267,11 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
     for where, refs in parts.values():
         if not any(r in ix.consumed for r in refs):
             rt = refs[0].split("/", 1)[0]
+            if rt == "Observation" and not drug_screen.is_drug_result(ix.facts.get(refs[0]), ctx):
+                yield Problem(where, "not an IOP concept: an Observation maps to IOP records only as a result of a "
+                              "drug screen (a drug-analyte code), and this one is none; kept in the store",
+                              field="Observation.code", severity="warning", code="not-supported")
+                continue
             yield Problem(where, f"not mapped: this {rt} maps to IOP records only as {PARTS[rt]}, and no "
                           "record mapped from this input includes it", severity="warning", code="not-supported")
 

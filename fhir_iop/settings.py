@@ -34,6 +34,8 @@ class IdentifierSystems(BaseModel):
     care_plan_goal: str
     consent: str
     recipient: str
+    referral: str
+    outside_medication: str
 
 
 class SiteSettings(BaseModel):
@@ -44,6 +46,10 @@ class SiteSettings(BaseModel):
     #: IANA time zone for record datetimes written without a UTC offset
     timezone: str = "America/New_York"
     identifier_systems: IdentifierSystems
+    #: Identifier systems under which another system (an EHR, an HIE) records the site's own MRN: a
+    #: Patient pulled from an EHR that carries an existing client's MRN under the site's MRN system or
+    #: one of these is linked to that client, not taken for a new one (fhir_iop.sync.pull).
+    mrn_match_systems: list[str] = []
 
     @field_validator("timezone")
     @classmethod

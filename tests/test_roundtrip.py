@@ -121,7 +121,7 @@ def test_every_emitted_resource_is_valid_r4_and_profiled():
 def test_part2_labels_on_every_resource_about_a_client():
     labelled = {"Patient", "Coverage", "EpisodeOfCare", "Condition", "CareTeam", "DiagnosticReport", "Observation",
                 "Specimen", "MedicationRequest", "MedicationAdministration", "MedicationDispense", "CarePlan",
-                "Goal", "Consent"}
+                "Goal", "Consent", "ServiceRequest", "MedicationStatement"}
     for res in resources_of(CLINIC):
         codes = {(s["system"].rsplit("/", 1)[-1], s["code"]) for s in res["meta"].get("security", ())}
         about_client = res["resourceType"] in labelled or (res["resourceType"] == "Encounter" and "subject" in res)

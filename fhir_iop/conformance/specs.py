@@ -397,6 +397,28 @@ PROFILE_SPECS: tuple[Profile, ...] = (
             *part2_slices("provision.provision.securityLabel", 1),
             E("provision.provision.purpose", min=1, max="1"),
             E("provision.provision.class", min=1, binding=extensible(vs("consent-resource-type")))),
+    profile("iop-referral", "referral", "ServiceRequest", "IOP referral",
+            "A referral of a client to the site, typically pulled from a hospital or primary-care EHR "
+            "(fhir_iop/mapping/referral.py): code SNOMED 1254709001 (referral to substance use disorder treatment "
+            "program) or the referrer's SUD-treatment code, plus the fhir-iop program-level coding of the level of "
+            "care requested; the referrer as a display-only requester (the practitioner, else the organization; when both the "
+            "practitioner and the organization are known, the organization in the referring-organization extension); reasons as ICD-10-CM or SNOMED codes and text; the "
+            "program referred to as performer. The parent is base R4.",
+            META, part2(), ext("referring-organization"), site_identifier(), E("intent", pattern="order"),
+            E("code", min=1),
+            *coding_slice("code.coding", "level", cs_url("program-level"), binding=required(vs("program-level")),
+                          short="The fhir-iop level of care requested"),
+            ref("subject", "iop-client", min=1), E("authoredOn", min=1), E("requester"),
+            ref("performer", "iop-program"), E("reasonCode"), E("note")),
+    profile("iop-outside-medication", "outside_medication", "MedicationStatement", "IOP outside medication",
+            "A medication another provider prescribed that the client takes (fhir_iop/mapping/outside_medication.py)"
+            ": RxNorm when known and the medication as written, the period, the date the outside provider "
+            "recorded it, the dosage as written and the prescriber as a display-only informationSource. Not a MAT "
+            "order of the site: drug-screen interpretation does not read it. The parent is base R4.",
+            META, part2(), site_identifier(), E("medication[x]", min=1, types=[{"code": "CodeableConcept"}]),
+            E("medication[x].text", min=1), ref("subject", "iop-client"),
+            E("effective[x]", types=[{"code": "Period"}]), E("dateAsserted"), E("informationSource"),
+            E("dosage", max="1"), E("dosage.text", min=1)),
     profile("iop-claim", "claim", "Claim", "IOP per-diem claim",
             "A client's IOP days of one billing period for one payer and program (fhir_iop/payer): one item per "
             "billable day with the HCPCS per-diem code (H0015 substance use, S9480 psychiatric), the NUBC revenue "
@@ -481,6 +503,10 @@ def coding_extension(cs_id: str, context: tuple[str, ...], title: str, descripti
 
 
 OTHER_EXTENSIONS = (
+    Extension("referring-organization", "Referring organization",
+              "The organization a referral comes from, beside the referring practitioner in requester (R4 "
+              "ServiceRequest has one requester). A display-only Reference when the organization is known by name.",
+              ("ServiceRequest",), "Reference"),
     Extension("enrollment", "IOP enrollment",
               "The client's IOP enrollment (EpisodeOfCare) a resource belongs to, where R4 has no episodeOfCare "
               "element (DiagnosticReport, MedicationRequest).",

@@ -44,16 +44,76 @@ def mrn_of(pt: dict, ctx: MappingContext) -> str | None:
     return pt.get("id")
 
 
-def from_fhir(pt: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
+# -- linked Patients: an EHR's record of one of our clients (fhir_iop.sync.pull links it) -------------
+#
+# A pulled Patient that carries a client's MRN is stored as the EHR's own resource with ``link``
+# ``{other: Patient/<ours>, type: seealso}``. Reading back, it is not a client of its own: references to it
+# resolve to the client it links to, and its demographics fill that client's empty fields (the program's
+# own values win).
+
+LINK_TYPES = ("seealso",)
+_LINKED = "linked:"
+
+
+def index(pt: dict, ix: FhirIndex, refs: list[str]) -> None:
+    """First pass: remember where a Patient links to, and its demographics."""
+    for link in pt.get("link") or ():
+        target = FhirIndex.ref_key(link.get("other"))
+        if link.get("type") in LINK_TYPES and target and target not in refs:
+            for r in refs:
+                ix.patient_links[r] = target
+            ix.facts.setdefault(_LINKED + target, []).append(_demographics(pt))
+            return
+
+
+def resolve_links(ix: FhirIndex) -> None:
+    """After the first pass: references to a linked Patient name the client it links to."""
+    for ref, target in ix.patient_links.items():
+        if target in ix.keys and target not in ix.patient_links:
+            ix.keys[ref] = ix.keys[target]
+
+
+def linked_to(pt: dict, full_url: str | None, ix: FhirIndex) -> str | None:
+    """The Patient (of this input) that ``pt`` links to, if it is a linked record of that client."""
+    target = ix.patient_links.get(f"Patient/{pt.get('id')}") or (full_url and ix.patient_links.get(full_url))
+    return target if target and target in ix.keys and target not in ix.patient_links else None
+
+
+def name_text(res: dict) -> str | None:
+    """A person's current name as one string (Practitioner names for display-only references)."""
+    n = current(res.get("name"))
+    return n.get("text") or " ".join([*n.get("prefix", ()), *n.get("given", ()), n.get("family", "")]).strip() or None
+
+
+def _demographics(pt: dict) -> dict:
     name = current(pt.get("name"))
-    if not name.get("family") or not name.get("given"):
-        raise Unmappable("an IOP client needs a family and a given name", "Patient.name")
     contact = next((c for c in pt.get("contact", ())
                     if any(x.get("code") == "C" for x in codings(c.get("relationship")))), None)
     cname = (contact or {}).get("name", {})
-    return {"mrn": mrn_of(pt, ctx), "family_name": name.get("family"), "given_names": name.get("given"),
+    return {"family_name": name.get("family"), "given_names": name.get("given") or None,
             "birth_date": pt.get("birthDate"), "gender": pt.get("gender"),
             "phone": telecom("phone", pt), "email": telecom("email", pt), **address_fields(pt),
             "emergency_contact_name": cname.get("text") or " ".join(
                 [*cname.get("given", ()), cname.get("family", "")]).strip() or None if contact else None,
             "emergency_contact_phone": telecom("phone", contact) if contact else None}
+
+
+_ADDRESS = ("address_line", "city", "state", "postal_code")
+_CONTACT = ("emergency_contact_name", "emergency_contact_phone")
+
+
+def _fill(data: dict, outside: dict) -> None:
+    """Our empty fields from an outside record; an address or contact only as a whole."""
+    for group in (*((k,) for k in outside if k not in _ADDRESS + _CONTACT), _ADDRESS, _CONTACT):
+        if all(data.get(k) is None for k in group) and any(outside.get(k) is not None for k in group):
+            data.update({k: outside.get(k) for k in group})
+
+
+def from_fhir(pt: dict, ix: FhirIndex, ctx: MappingContext) -> dict:
+    data = {"mrn": mrn_of(pt, ctx), **_demographics(pt)}
+    for outside in ix.facts.get(f"{_LINKED}Patient/{pt.get('id')}", ()):
+        _fill(data, outside)
+    if not data["family_name"] or not data["given_names"]:
+        raise Unmappable("an IOP client needs a family and a given name", "Patient.name")
+    return data
+

@@ -49,6 +49,9 @@ PROFILES: dict[str, list[str]] = {
     "care_plan": [f"{CANONICAL}/StructureDefinition/iop-care-plan", f"{US_CORE}/us-core-careplan"],
     "care_plan_goal": [f"{CANONICAL}/StructureDefinition/iop-care-plan-goal", f"{US_CORE}/us-core-goal"],
     "consent": [f"{CANONICAL}/StructureDefinition/iop-part2-consent"],
+    # what comes in from other providers' EHRs (fhir_iop.sync.pull): base R4 parents
+    "referral": [f"{CANONICAL}/StructureDefinition/iop-referral"],
+    "outside_medication": [f"{CANONICAL}/StructureDefinition/iop-outside-medication"],
 }
 
 
@@ -214,6 +217,7 @@ KEY_SYSTEMS = {  # resource type -> the site identifier attribute that names its
     "Patient": "mrn", "Practitioner": "counselor", "Organization": "program",
     "Coverage": "coverage", "EpisodeOfCare": "enrollment", "MedicationRequest": "mat_medication",
     "CarePlan": "care_plan", "Goal": "care_plan_goal", "DiagnosticReport": "drug_screen",
+    "ServiceRequest": "referral", "MedicationStatement": "outside_medication",
 }
 
 
@@ -233,6 +237,8 @@ class FhirIndex:
     #: per-concept first-pass facts, keyed by reference ("Observation/x" -> parsed result, ...)
     facts: dict[str, object] = field(default_factory=dict)
     enrollment_programs: dict[str, str] = field(default_factory=dict)
+    #: Patient ref -> the ref of the Patient it links to (Patient.link seealso: an EHR's record of our client)
+    patient_links: dict[str, str] = field(default_factory=dict)
 
     def key_of(self, resource: dict, system: str | None) -> str:
         if system and (v := identifier_value(resource, system)):

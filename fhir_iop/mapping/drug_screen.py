@@ -186,6 +186,11 @@ def _first(pairs, map_id: str, ctx: MappingContext, cs_id: str | None = None) ->
     return None
 
 
+def is_drug_result(facts, ctx: MappingContext) -> bool:
+    """Whether first-pass Observation facts name a drug analyte (the fhir-iop coding or its LOINC)."""
+    return isinstance(facts, ObsFacts) and _first(facts.codes, ANALYTE_MAP, ctx, "drug-analyte") is not None
+
+
 def _depends(ctx: MappingContext, analyte: str, loinc: str, prop: str) -> set[str]:
     """The ``prop`` values (screen-method, specimen-kind) under which ``analyte`` maps to ``loinc``."""
     targets = ctx.terminology.concept_map(ANALYTE_MAP).forward.get((cs_url("drug-analyte"), analyte), ())

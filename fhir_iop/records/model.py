@@ -96,6 +96,10 @@ Text = Annotated[str, Field(min_length=1, max_length=500)]
 ICD10CM = Annotated[str, AfterValidator(_icd10cm)]
 DateTime = Annotated[datetime, AfterValidator(_aware)]
 Npi = Annotated[str, Field(pattern=r"^[0-9]{10}$"), AfterValidator(_npi)]
+#: a SNOMED CT concept id (SCTID: 6 to 18 digits, no leading zero)
+Snomed = Annotated[str, Field(pattern=r"^[1-9][0-9]{5,17}$")]
+#: an RxNorm concept id (RXCUI: digits)
+RxNorm = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
 
 
 class Record(BaseModel):
@@ -249,6 +253,50 @@ class Program(Record):
     """Two-letter US state code."""
     postal_code: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 \-]{1,9}$")
     """ZIP or ZIP+4."""
+
+
+# -- what comes in from other providers (EHR sync) ----------------------------------------------
+
+class Referral(Record):
+    """A referral of a client to the site, e.g. from a hospital or primary-care EHR. Maps to ServiceRequest."""
+
+    file_stem: ClassVar[str] = "referrals"
+    key_field: ClassVar[str] = "referral_id"
+    referral_id: Id
+    """The site's identifier for the referral (or the referrer's, for one pulled from an EHR)."""
+    client_mrn: Id
+    """The client referred (clients.mrn)."""
+    status: Literal["draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"]
+    """Referral status (FHIR request-status)."""
+    requested_on: date
+    """Date the referral was written."""
+    program_id: Id | None = None
+    """The program referred to (programs.program_id), if the referral names one."""
+    level: Coded("program-level") | None = None
+    """The level of care requested."""
+    service_snomed: Snomed | None = None
+    """SNOMED CT code of the service requested as the referrer coded it; empty means referral to a
+    substance use disorder treatment program (SNOMED 1254709001)."""
+    referring_practitioner: str | None = Field(default=None, max_length=200)
+    """Name of the referring practitioner, as the referrer wrote it."""
+    referring_organization: str | None = Field(default=None, max_length=200)
+    """Name of the referring organization."""
+    reason_icd10cm: list[ICD10CM] = Field(default_factory=list)
+    """Reasons for the referral: ICD-10-CM diagnosis codes."""
+    reason_snomed: list[Snomed] = Field(default_factory=list)
+    """Reasons for the referral: SNOMED CT condition codes."""
+    reason_text: str | None = Field(default=None, max_length=500)
+    """The reason in words, as the referrer wrote it."""
+    note: str | None = Field(default=None, max_length=2000)
+    """The referrer's note."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("reason_icd10cm", "reason_snomed"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise FieldError(name, f"{name} lists a code twice")
+        return self
 
 
 # -- enrollment ------------------------------------------------------------------------------
@@ -629,6 +677,45 @@ class MatDispense(Record):
     """Who dispensed it (counselors.counselor_id)."""
 
 
+class OutsideMedication(Record):
+    """A medication the client takes that another provider prescribed (from an EHR's MedicationStatement
+    or MedicationRequest). Maps to MedicationStatement.
+
+    Not a MAT order of the site: an outside buprenorphine, methadone or naltrexone is listed here (its
+    RxNorm code shows what it is) but drug-screen flags read only the site's own mat_medications; a
+    clinician reconciles it first (and records a mat_medication if the site takes it over)."""
+
+    file_stem: ClassVar[str] = "outside_medications"
+    key_field: ClassVar[str] = "outside_medication_id"
+    outside_medication_id: Id
+    """The site's identifier for this entry (or the EHR's, for one pulled from an EHR)."""
+    client_mrn: Id
+    """The client (clients.mrn)."""
+    medication: Text
+    """The medication as written (product, strength, form)."""
+    rxnorm: RxNorm | None = None
+    """RxNorm code of the medication."""
+    status: Literal["active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown",
+                    "not-taken"]
+    """Status (FHIR medication-statement-status)."""
+    start: date | None = None
+    """First day taken (or prescribed)."""
+    end: date | None = None
+    """Last day taken."""
+    dosage: str | None = Field(default=None, max_length=500)
+    """Dosage as written, e.g. "8 mg sublingual once a day"."""
+    prescriber: str | None = Field(default=None, max_length=200)
+    """Prescriber's name (and practice), as written."""
+    recorded_on: date | None = None
+    """Date the outside provider recorded it."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.start and self.end and self.end < self.start:
+            raise FieldError("end", "end is before start")
+        return self
+
+
 # -- care plans ---------------------------------------------------------------------------------
 
 class Intervention(Part):
@@ -799,8 +886,8 @@ class Consent(Record):
 
 #: Record types in dependency order: a type's references point only to types before it.
 RECORD_TYPES: tuple[type[Record], ...] = (
-    Program, Counselor, Client, Coverage, Enrollment, GroupSession, Attendance, CounselingSession,
-    MatMedication, MatAdministration, MatDispense, DrugScreen, CarePlan, CarePlanGoal, Consent)
+    Program, Counselor, Client, Coverage, Referral, Enrollment, GroupSession, Attendance, CounselingSession,
+    MatMedication, MatAdministration, MatDispense, OutsideMedication, DrugScreen, CarePlan, CarePlanGoal, Consent)
 BY_STEM: dict[str, type[Record]] = {t.file_stem: t for t in RECORD_TYPES}
 
 
