@@ -138,14 +138,14 @@ def _refs(resource: dict, full_url: str | None) -> list[str]:
 
 
 def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
-           invalid: dict[str, list[Problem]]) -> None:
-    """Pass 1: structure-check each resource (fhir.resources R4B), then index the valid ones."""
+           invalid: dict[str, list[Problem]], checked: bool = False) -> None:
+    """Pass 1: structure-check each resource (fhir.resources R4B; not when ``checked``), then index the valid ones."""
     systems = ctx.systems
     for item in resources:
         if isinstance(item, Problem):
             continue
         where, res, full_url = item
-        errors = r4.structure_errors(res)
+        errors = [] if checked else r4.structure_errors(res)
         if errors:
             invalid[where] = [Problem(where, f"not valid R4: {msg}", field=f"{res.get('resourceType')}.{loc}"
                                       if not loc.startswith(str(res.get("resourceType"))) else loc,
@@ -212,8 +212,11 @@ def _clean(data: dict) -> dict:
 
 
 def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
-              record_context: dict | None = None) -> Iterator[Record | Problem]:
+              record_context: dict | None = None, checked: bool = False) -> Iterator[Record | Problem]:
     """FHIR files (Bundle, resource, NDJSON; JSON or XML) → IOP records and problems.
+
+    ``checked``: the input was structure-checked already (the FHIR store validates every write), so
+    the fhir.resources check of pass 1 — most of the time of a run — is skipped.
 
     Two passes per run: the first indexes what references point to, the second maps.
     """
@@ -227,7 +230,7 @@ def from_fhir(inputs: Iterable[Path], ctx: MappingContext | None = None,
     ix = FhirIndex()
     invalid: dict[str, list[Problem]] = {}
     for p in paths:
-        _index(read_fhir(p), ix, ctx, invalid)
+        _index(read_fhir(p), ix, ctx, invalid, checked)
     client.resolve_links(ix)
     parts: dict[str, tuple[str, list[str]]] = {}  # PARTS resources: key -> (where, refs)
     for p in paths:

@@ -40,7 +40,7 @@ def read_store_records(store, ctx: MappingContext, tmp_dir: Path | None = None) 
         writer.close()
         paths = [Path(tmp) / f"{t}.ndjson" for t in TYPES if (Path(tmp) / f"{t}.ndjson").is_file()]
         record_context = default_context(ctx.settings.timezone, ctx.terminology)
-        for item in pipeline.from_fhir(paths, ctx, record_context):
+        for item in pipeline.from_fhir(paths, ctx, record_context, checked=True):  # the store checked each write
             if isinstance(item, Problem):
                 if item.severity != "warning":
                     problems.append(item)
