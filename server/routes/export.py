@@ -38,7 +38,6 @@ Configuration (``FHIR_IOP_`` environment variables or ``create_app`` config): ``
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
 from flask import Blueprint, current_app, request, send_file
@@ -126,7 +125,8 @@ def _kick_off(kind: str, group: str | None, allowed: tuple[str, ...], default: t
         if access.recipient is not None and payer is not None and payer != access.recipient:
             raise FhirHttpError(403, "a client acting for a payer may export only that payer's Group")
     _reap()
-    job = jobs.create(s.store, access.client_id, asdict(access) | {"scopes": None}, request.url,
+    who = {k: getattr(access, k) for k in ("client_id", "recipient", "purpose", "emergency", "admin")}
+    job = jobs.create(s.store, access.client_id, who, request.url,
                       {"kind": kind, "group": group, "types": types, "since": since, "format": NDJSON})
     from fhir_iop.payer.rollup import load_rules
     rules = load_rules(current_app.config.get("MAPPINGS"))
