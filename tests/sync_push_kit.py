@@ -80,7 +80,8 @@ def load_clinic_base(store) -> None:
 
 
 class FakeEhr:
-    """A FHIR server behind ``responses``: conditional update / delete by identifier, counted.
+    """A FHIR server behind ``responses``: conditional update / delete by identifier (and update /
+    delete by id, keyed ``id:<id>``), counted.
 
     ``faults``: what the next requests get instead of a normal answer, in order: an int status
     (with ``Retry-After`` from ``retry_after``), ``"timeout"``, or ``(status, OperationOutcome)``."""
@@ -94,14 +95,17 @@ class FakeEhr:
         self.requests: list[tuple[str, str, str]] = []  # (method, type, identifier)
         self.faults: list = []
         self.retry_after = "120"
-        pattern = re.compile(re.escape(base) + r"/(\w+)(\?.*)?$")
+        pattern = re.compile(re.escape(base) + r"/(\w+)(/[A-Za-z0-9.-]+)?(\?.*)?$")
         rsps.add_callback("PUT", pattern, callback=self._put)
         rsps.add_callback("DELETE", pattern, callback=self._delete)
 
     def _parse(self, request):
         from urllib.parse import parse_qs, urlsplit
         u = urlsplit(request.url)
-        return u.path.rsplit("/", 1)[1], parse_qs(u.query).get("identifier", [""])[0]
+        parts = u.path[len(urlsplit(self.base).path):].strip("/").split("/")
+        if len(parts) == 2:  # [type]/[id]: the EHR's own record
+            return parts[0], f"id:{parts[1]}"
+        return parts[0], parse_qs(u.query).get("identifier", [""])[0]
 
     def _fault(self):
         import orjson

@@ -229,3 +229,29 @@ def test_workers_at_once_send_each_message_exactly_once(store, ehr):
     assert sum(1 for r in results if r.get("sent")) >= 2  # they did work side by side
     assert len(ehr.requests) == n and set(ehr.writes.values()) == {1}
     assert {r.state for r in rows(store)} == {"sent"}
+
+
+def test_what_came_from_the_ehr_goes_back_under_its_own_ids(store, ehr):
+    """A Patient pulled from the EHR is referenced by the EHR's id; an Encounter pulled from it and
+    changed here is an update of the EHR's own record, not a new one."""
+    from fhir_iop.sync.pull import localize
+    conn = store.conn
+    ehr_patient = {k: v for k, v in of_type("Patient")[0].items() if k not in ("meta",)}
+    ehr_patient.update(id="ehr-p1", meta={"versionId": "4", "lastUpdated": "2026-11-20T10:00:00Z"})
+    local_patient = localize(ehr_patient, conn)
+    # the EHR's records are not Part 2 data here (no labels); what we send about that patient isn't either
+    ehr_enc = {**encounters(CONSENTED, 1)[0], "id": "ehr-e9", "meta": {"versionId": "2"},
+               "subject": {"reference": "Patient/ehr-p1"}}
+    ehr_enc.pop("identifier")
+    local_enc = localize(ehr_enc, conn)
+    load(store, [local_patient, local_enc], origin="sync:riverside")  # pulled: nothing queued
+    assert rows(store) == []
+    ours = {**encounters(UNCONSENTED, 1)[0], "subject": {"reference": f"Patient/{local_patient['id']}"}}
+    ours.pop("meta")
+    load(store, [ours, {**local_enc, "status": "cancelled"}])  # written here: queued
+    assert push(store, conn) == {"sent": 2}
+    assert ehr.records[("Encounter", "id:ehr-e9")]["status"] == "cancelled"
+    assert ehr.records[("Encounter", "id:ehr-e9")]["subject"] == {"reference": "Patient/ehr-p1"}
+    (mine,) = [r for k, r in ehr.records.items() if not k[1].startswith("id:")]
+    assert mine["subject"] == {"reference": "Patient/ehr-p1"}
+    assert len(ehr.requests) == 2

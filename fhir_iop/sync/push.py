@@ -28,7 +28,10 @@ One message at a time (:func:`push`):
    marked by ``fhir_iop.disclosure.mark`` (Part 2 labels incl. NORDSCLCD and the 42 CFR 2.32
    notice) when it is Part 2 data, without our id and version metadata; local references
    (``Patient/<id>``) become logical references by identifier (the one the reference carries, or
-   the ``urn:uuid`` one), because the EHR knows our resources by identifier only.
+   the ``urn:uuid`` one), because the EHR knows our resources by identifier only — except
+   references to resources pulled from that same EHR, which become its own ``Type/<its id>``.
+   A resource pulled from that EHR and changed here goes back as ``PUT [type]/<its id>`` (an
+   update of the EHR's own record, idempotent too); pulled writes themselves are never queued.
    A deletion is a conditional ``DELETE [type]?identifier=…``, sent only if the resource was sent
    to that EHR before.
 4. **Record**: ``sent`` (with the EHR's Location and version) and an AuditEvent
@@ -158,13 +161,16 @@ def identifier_of(res: dict, rid: str | None = None) -> dict | None:
     return _uuid_identifier(rid or res.get("id") or "")
 
 
-def _logical(ref: dict) -> dict:
+def _logical(ref: dict, resolve=None) -> dict:
     target = ref.get("reference")
     if not isinstance(target, str) or target.startswith(("#", "urn:", "http://", "https://")):
         return ref
     parts = target.split("/")
     if len(parts) != 2:
         return ref
+    remote = resolve(parts[0], parts[1]) if resolve else None
+    if remote:  # a resource pulled from this EHR: its own reference there
+        return {**ref, "reference": f"{parts[0]}/{remote}"}
     ident = ref.get("identifier") if isinstance(ref.get("identifier"), dict) else _uuid_identifier(parts[1])
     if ident is None:
         return ref
@@ -173,19 +179,39 @@ def _logical(ref: dict) -> dict:
     return out
 
 
-def _rewrite(value):
+def _rewrite(value, resolve=None):
     if isinstance(value, dict):
         if "reference" in value and isinstance(value.get("reference"), str):
-            value = _logical(value)
-        return {k: _rewrite(v) for k, v in value.items()}
+            value = _logical(value, resolve)
+        return {k: _rewrite(v, resolve) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rewrite(v) for v in value]
+        return [_rewrite(v, resolve) for v in value]
     return value
 
 
-def outgoing(res: dict, ident: dict) -> dict:
-    """The copy of a (marked) resource that goes to the EHR."""
-    out = _rewrite({k: v for k, v in res.items() if k not in ("id", "meta")})
+def remote_id(res: dict | None, connection) -> str | None:
+    """The EHR's id of a resource pulled from that EHR (the identifier ``fhir_iop.sync.pull`` gives
+    it: system ``<base_url>/<type>``), or None."""
+    from fhir_iop.sync.pull import remote_system
+    if not res:
+        return None
+    system = remote_system(connection, res.get("resourceType"))
+    idents = res.get("identifier")
+    for i in [idents] if isinstance(idents, dict) else (idents or ()):
+        if isinstance(i, dict) and i.get("system") == system and i.get("value"):
+            return i["value"]
+    return None
+
+
+def outgoing(res: dict, ident: dict | None, resolve=None, remote: str | None = None) -> dict:
+    """The copy of a (marked) resource that goes to the EHR: references resolved by ``resolve(type,
+    id) -> the EHR's id`` where the target came from that EHR, else by identifier. ``remote``: the
+    resource itself came from that EHR: it goes back under the EHR's id (no identifier added)."""
+    out = _rewrite({k: v for k, v in res.items() if k not in ("id", "meta")}, resolve)
+    if remote is not None:
+        meta = {k: v for k, v in (res.get("meta") or {}).items() if k not in ("versionId", "lastUpdated", "source")}
+        return {"resourceType": res["resourceType"], "id": remote, **({"meta": meta} if meta else {}),
+                **{k: v for k, v in out.items() if k != "resourceType"}}
     meta = {k: v for k, v in (res.get("meta") or {}).items() if k not in ("versionId", "lastUpdated", "source")}
     if meta:
         out["meta"] = meta
@@ -255,6 +281,7 @@ class Prepared:
     """What to do for one message: ``body``/``identifier`` to send, or a ``verdict`` without sending."""
     body: dict | None = None
     identifier: dict | None = None
+    remote: str | None = None  # the EHR's id, for a resource pulled from that EHR
     decision: object = None
     patient: str | None = None
     verdict: str | None = None  # withheld, dead, skip
@@ -272,10 +299,11 @@ def prepare(store, connection, msg) -> Prepared:
             if not _was_sent(tx.conn, msg):
                 return Prepared(verdict="skip", reason="deleted before it was ever sent: nothing to delete")
             prior = _last_body(tx, rt, rid, msg.version_id)
+            remote = remote_id(prior, connection)
             ident = identifier_of(prior, rid) if prior else _uuid_identifier(rid)
-            if ident is None:
+            if ident is None and remote is None:
                 return Prepared(verdict="dead", reason=f"{rt}/{rid} has no identifier to delete it by on the EHR")
-            return Prepared(identifier=ident, patient=patient_of(prior) if prior else None)
+            return Prepared(identifier=ident, remote=remote, patient=patient_of(prior) if prior else None)
         try:
             stored = tx.vread(rt, rid, str(msg.version_id))
         except StoreError as e:
@@ -288,12 +316,29 @@ def prepare(store, connection, msg) -> Prepared:
                                                 "data that is not Part 2 data goes to it")
             return Prepared(verdict="withheld", decision=decision,
                             reason=f"withheld by the Part 2 gate ({decision.reason}): {why}")
+        remote = remote_id(res, connection)
         ident = identifier_of(res, rid)
-        if ident is None:
+        if ident is None and remote is None:
             return Prepared(verdict="dead", reason=f"{rt}/{rid} has no IOP identifier and no UUID id to update by")
         if decision.reason != "not labelled" or labelled(res):
             res = mark(res)
-        return Prepared(body=outgoing(res, ident), identifier=ident, decision=decision, patient=patient_of(res))
+        body = outgoing(res, ident, _resolver(tx, connection), remote)
+        return Prepared(body=body, identifier=ident, remote=remote, decision=decision, patient=patient_of(res))
+
+
+def _resolver(tx, connection):
+    """``(type, id) -> the EHR's id`` for references to resources pulled from ``connection``."""
+    from fhir_iop.store.errors import StoreError
+    cache: dict[tuple[str, str], str | None] = {}
+
+    def resolve(rt: str, rid: str) -> str | None:
+        if (rt, rid) not in cache:
+            try:
+                cache[(rt, rid)] = remote_id(tx.read(rt, rid).resource, connection)
+            except StoreError:
+                cache[(rt, rid)] = None
+        return cache[(rt, rid)]
+    return resolve
 
 
 def _last_body(tx, rt: str, rid: str, deleted_version: int) -> dict | None:
@@ -324,8 +369,13 @@ def send_one(store, connection, client, msg, worker: str, opts: Options, at: dat
     attempts = msg.attempts + 1
     try:
         if msg.operation == "DELETE":
-            status = client.delete(rt, params={"identifier": f"{prep.identifier['system']}|{prep.identifier['value']}"})
+            if prep.remote is not None:
+                status = client.delete(rt, prep.remote)
+            else:
+                status = client.delete(rt, params={"identifier": f"{prep.identifier['system']}|{prep.identifier['value']}"})
             location = version = None
+        elif prep.remote is not None:  # pulled from this EHR, changed here: an update of its own record
+            status, location, version = client.update(prep.body)
         else:
             status, location, version = client.conditional_update(prep.body, prep.identifier)
     except EhrError as e:
