@@ -85,15 +85,17 @@ def _no_duplicates(pairs: list) -> dict:
     return d
 
 
-def check_json(value, max_depth: int) -> None:
+def check_json(value, max_depth: int) -> int:
     """400 for nesting deeper than ``max_depth`` or control characters in a string or name (iterative:
-    a hostile body cannot exhaust the Python stack)."""
+    a hostile body cannot exhaust the Python stack). Returns the number of names in all objects."""
+    names = 0
     stack = [(value, 1)]
     while stack:
         v, depth = stack.pop()
         if depth > max_depth:
             raise FhirHttpError(400, f"the JSON body is nested deeper than {max_depth} levels")
         if isinstance(v, dict):
+            names += len(v)
             for k, item in v.items():
                 if _CONTROL.search(k):
                     raise FhirHttpError(400, "a JSON name holds a control character (U+0000-U+001F other than "
@@ -110,6 +112,13 @@ def check_json(value, max_depth: int) -> None:
                 elif isinstance(item, str) and _CONTROL.search(item):
                     raise FhirHttpError(400, "a JSON string holds a control character (U+0000-U+001F other "
                                              "than tab, CR, LF), which FHIR strings cannot contain")
+    return names
+
+
+#: every JSON string of a valid document, in order, with the ``:`` that makes it a name. Scanning a
+#: document orjson accepted, each match starts at a real string (no ``"`` occurs outside strings), and
+#: a string followed by ``:`` is always a name.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"([ \t\r\n]*:)?')
 
 
 def parse_json(data: bytes, max_depth: int = 100) -> dict:
@@ -120,8 +129,11 @@ def parse_json(data: bytes, max_depth: int = 100) -> dict:
         raise FhirHttpError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise FhirHttpError(400, "the body is not a JSON object")
-    check_json(value, max_depth)
-    json.loads(data, object_pairs_hook=_no_duplicates)  # second, stdlib pass: names only (see above)
+    names = check_json(value, max_depth)
+    found = _STRING.findall(data)
+    if len(found) - found.count(b"") != names:  # fewer names parsed than written: some name came twice
+        json.loads(data, object_pairs_hook=_no_duplicates)  # which one (the stdlib keeps every pair)
+        raise FhirHttpError(400, "the body has a name twice in one JSON object")
     return value
 
 
