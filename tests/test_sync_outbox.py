@@ -15,7 +15,7 @@ def store(db_url):  # noqa: F811
     s = Store(db_url)
     configure(connections(resources={"Encounter": "push", "Patient": "pull"}))
     yield s
-    configure({})
+    configure(None)
     s.dispose()
 
 

@@ -43,7 +43,7 @@ def store(db_url):  # noqa: F811
     s.conn = conns["riverside"]
     load_clinic_base(s)
     yield s
-    configure({})
+    configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
     s.dispose()
 
 

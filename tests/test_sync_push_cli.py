@@ -35,7 +35,7 @@ def setup(tmp_path):
     unconsented = [e for e in of_type("Encounter") if patient_of(e) in no][:1]
     load(store, consented + unconsented)
     yield cfg, url
-    configure({})
+    configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
     store.dispose()
 
 
@@ -100,4 +100,4 @@ def test_pull_is_wired_and_what_it_pulls_is_not_pushed_back(tmp_path):
         assert st["messages"]["pending"] == 0  # pulled (origin sync:riverside): not echoed back
         assert st["runs"]["pull"]["ended"] is not None
     finally:
-        configure({})
+        configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)

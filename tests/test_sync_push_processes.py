@@ -97,7 +97,7 @@ def test_three_worker_processes_send_each_message_once(tmp_path, pg_url):
             assert counts(store)["riverside"]["withheld"] == len(part2)
         finally:
             store.dispose()
-            configure({})
+            configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
     assert len(ehr.puts) == len(encs)
     assert set(ehr.puts.values()) == {1}, "a message was sent twice"
     assert not {k for k in ehr.puts if any(k[1].endswith(i["value"]) for e in part2 for i in e["identifier"])}

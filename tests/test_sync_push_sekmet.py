@@ -134,7 +134,7 @@ def test_push_through_faults_and_a_killed_worker_sends_each_consented_resource_o
             final = _status(store)
         finally:
             store.dispose()
-            configure({})
+            configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
         assert (proxy.fired("status"), proxy.fired("lose"), proxy.fired("hang")) == (5, 3, 2)  # all planned faults
 
         # sekmet cannot update a Goal by identifier: a permanent refusal, dead letters with its reason

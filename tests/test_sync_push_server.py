@@ -24,7 +24,7 @@ def app(db_url):  # noqa: F811
     app = _app(db_url, INSECURE_NO_AUTH=True)
     load_clinic_base(app.extensions["fhir_iop"].store)
     yield app
-    configure({})
+    configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
     app.extensions["fhir_iop"].store.dispose()
 
 
@@ -91,5 +91,5 @@ def test_only_administrators_may_sync(db_url):  # noqa: F811
         assert r.status_code == 200 and r.get_json()["riverside"]["configured"] is True
         assert "/sync" not in orjson.dumps(c.get("/metadata").get_json()).decode()
     finally:
-        configure({})
+        configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
         app.extensions["fhir_iop"].store.dispose()
