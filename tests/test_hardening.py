@@ -12,6 +12,7 @@ import orjson
 import pytest
 import requests
 from click.testing import CliRunner
+from conftest_fuzz import count, fuzz_summary  # noqa: F401  (fixtures)
 from server_kit import LiveServer, app, client, db_url  # noqa: F401  (fixtures)
 
 from fhir_iop.cli import main
@@ -386,3 +387,53 @@ def test_endpoints_that_answer_other_media_types_judge_accept_themselves(client)
     r = client.get("/bulk-export/nope/Patient.ndjson", headers={"Accept": "application/fhir+ndjson"})
     assert r.status_code == 404 and r.json["resourceType"] == "OperationOutcome"
     assert_outcome(client.get("/Patient", headers={"Accept": "application/fhir+ndjson"}), 406)
+
+
+def test_duplicate_name_detection_agrees_with_a_full_parse(count):
+    """The cheap duplicate-name check (names written vs names parsed) against the stdlib's pairs, on random
+    JSON with random spacing, escapes and planted duplicates."""
+    import json
+
+    from conftest_fuzz import fuzz_settings
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from server.errors import FhirHttpError
+    from server.formats import parse_json
+
+    names = st.sampled_from(["a", "b", 'q"', "\\", "é", ":", " ", "resourceType", "a:"]) | st.text(max_size=4)
+    leaf = st.none() | st.booleans() | st.integers(-10, 10) | st.text(max_size=6)
+    value = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.lists(st.tuples(names, c), max_size=4)
+                         .map(lambda pairs: ("obj", pairs)), max_leaves=12)
+
+    def dump(v, sep, ascii_):
+        if isinstance(v, tuple) and v[0] == "obj":
+            return "{" + sep[0].join(json.dumps(k, ensure_ascii=ascii_) + sep[1] + dump(x, sep, ascii_)
+                                     for k, x in v[1]) + "}"
+        if isinstance(v, list):
+            return "[" + sep[0].join(dump(x, sep, ascii_) for x in v) + "]"
+        return json.dumps(v, ensure_ascii=ascii_)
+
+    def has_dup(v):
+        if isinstance(v, tuple) and v[0] == "obj":
+            keys = [k for k, _ in v[1]]
+            return len(keys) != len(set(keys)) or any(has_dup(x) for _, x in v[1])
+        return isinstance(v, list) and any(has_dup(x) for x in v)
+
+    @fuzz_settings(200)
+    @given(st.lists(st.tuples(names, value), max_size=5), st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]),
+           st.booleans())
+    def run(pairs, sep, ascii_):
+        doc = ("obj", [("resourceType", "Patient"), *pairs])
+        data = dump(doc, sep, ascii_).encode()
+        try:
+            parse_json(data, 100)
+            refused = None
+        except FhirHttpError as e:
+            refused = str(e)
+        if has_dup(doc):
+            assert refused and ("twice" in refused or "control character" in refused), data
+        else:
+            assert refused is None or "control character" in refused, (refused, data)
+        count("hardening.duplicate-names")
+    run()
