@@ -169,6 +169,19 @@ def test_a_refusal_is_dead_at_once_with_the_ehrs_reason(store, ehr):
     assert len(ehr.records) == 2
 
 
+def test_what_the_ehr_echoes_from_the_record_is_not_kept(store, ehr):
+    enc = encounters(CONSENTED, 1)[0]
+    load(store, [enc])
+    value = enc["identifier"][0]["value"]
+    ehr.faults = [(404, {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "not-found",
+         "diagnostics": f"no Patient with identifier M100001 for Encounter {value}"}]})]
+    assert push(store, store.conn) == {"dead": 1}
+    (msg,) = rows(store)
+    assert "M100001" not in msg.last_error and value not in msg.last_error
+    assert "HTTP 404: error: no Patient with identifier […] for Encounter […]" in msg.last_error
+
+
 @pytest.mark.parametrize("status", [409, 412])
 def test_conflicts_are_retried_not_dead(store, ehr, status):
     load(store, encounters(CONSENTED, 1))

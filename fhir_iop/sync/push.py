@@ -351,6 +351,32 @@ def _last_body(tx, rt: str, rid: str, deleted_version: int) -> dict | None:
     return None
 
 
+_PHI_KEYS = frozenset({"family", "given", "text", "birthDate", "display", "line", "postalCode"})
+
+
+def _phi_strings(value, out: set, key: str | None = None, in_identifier: bool = False) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _phi_strings(v, out, k, in_identifier or k in ("identifier", "valueIdentifier"))
+    elif isinstance(value, list):
+        for v in value:
+            _phi_strings(v, out, key, in_identifier)
+    elif isinstance(value, str) and len(value) >= 3 and (key in _PHI_KEYS or (in_identifier and key == "value")):
+        out.add(value)
+
+
+def scrub(message: str, body: dict | None, identifier: dict | None = None) -> str:
+    """The EHR's error text without the identifier values, names, birth dates, addresses and
+    displays of what was sent (an EHR may echo them: ``last_error`` keeps ids and reasons only)."""
+    found: set[str] = set()
+    _phi_strings(body or {}, found)
+    if identifier and identifier.get("value"):
+        found.add(identifier["value"])
+    for value in sorted(found, key=len, reverse=True):
+        message = message.replace(value, "[…]")
+    return message
+
+
 def send_one(store, connection, client, msg, worker: str, opts: Options, at: datetime | None = None) -> str:
     """Process one claimed message; its new state (sent, pending, dead, withheld) or ``lost`` (lease gone)."""
     from fhir_iop.audit import record
@@ -380,7 +406,7 @@ def send_one(store, connection, client, msg, worker: str, opts: Options, at: dat
             status, location, version = client.conditional_update(prep.body, prep.identifier)
     except EhrError as e:
         transient = not permanent(e.status)  # no answer, 5xx, 408/409/412/429, a broken answer
-        reason = e.message[:2000]
+        reason = scrub(e.message, prep.body, prep.identifier)[:2000]
         if not transient or attempts >= opts.max_attempts:
             values = dict(state=DEAD, attempts=attempts, last_error=reason)
             verdict = DEAD
