@@ -242,3 +242,36 @@ def test_summary_modes_on_search_and_read(client):
     assert client.get(f"/Patient?_id={pid}&_summary=count").json["total"] == 1
     r = client.get(f"/Patient?_summary=bogus", headers={"Prefer": "handling=strict"})
     assert r.status_code == 400 and r.json["resourceType"] == "OperationOutcome"
+
+
+def test_the_facade_runs_without_node_modules(tmp_path):
+    """An installed wheel has fhir_iop/data but no node_modules: search parameters, _elements and _summary
+    come from package data, $validate falls back to the structure check and says what it did not check."""
+    import subprocess
+    import sys
+    empty = tmp_path / "no-definitions"
+    empty.mkdir()
+    script = f"""
+import orjson
+from server import create_app
+a = create_app({{"DATABASE_URL": "sqlite:///{tmp_path / 'db.sqlite'}", "INSECURE_NO_AUTH": True}})
+c = a.test_client()
+J = "application/fhir+json"
+assert c.get("/metadata").status_code == 200
+assert c.post("/Patient", data=orjson.dumps({{"resourceType": "Patient", "gender": "female"}}), content_type=J).status_code == 201
+assert c.get("/Patient?gender=female&_elements=gender").json["total"] == 1
+assert c.get("/Patient?_summary=true").status_code == 200
+r = c.post("/Patient/$validate", data=orjson.dumps({{"resourceType": "Patient"}}), content_type=J)
+assert r.status_code == 200 and "were not checked" in r.json["issue"][0]["diagnostics"], r.json
+r = c.post("/Patient/$validate", data=orjson.dumps({{"resourceType": "Patient", "gender": 1}}), content_type=J)
+assert r.status_code == 200 and r.json["issue"][0]["severity"] == "error", r.json
+r = c.post("/Patient/$validate?profile=http://fhir-iop.org/fhir/StructureDefinition/iop-client",
+           data=orjson.dumps({{"resourceType": "Patient"}}), content_type=J)
+assert r.status_code == 422, r.json
+print("ok")
+"""
+    env = {**__import__("os").environ, "FHIR_IOP_DEFINITIONS": str(empty)}
+    env.pop("FHIR_IOP_SEARCH_PARAMETERS", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

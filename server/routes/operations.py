@@ -21,7 +21,7 @@ from pathlib import Path
 from flask import Blueprint, request
 from werkzeug.utils import secure_filename
 
-from fhir_iop.errors import operation_outcome
+from fhir_iop.errors import ConfigError, operation_outcome
 from fhir_iop.fhir import r4
 from fhir_iop.records.io import record_type_for
 from fhir_iop.store.repository import check_type, structure_issues
@@ -43,14 +43,23 @@ def validator():
 
 
 def validate_resource(res: dict, profile: str | None) -> dict:
+    """The project's validator; where its FHIR definitions are not installed (a wheel without
+    node_modules and no FHIR_IOP_DEFINITIONS), the structure check, saying what was not checked."""
     validate = validator()
+    missing = None
     if validate is not None:
-        return validate(res, profiles=[profile]) if profile else validate(res)
+        try:
+            return validate(res, profiles=[profile]) if profile else validate(res)
+        except ConfigError as e:
+            if profile:  # a profile was asked for: not checking it silently would be a false all-clear
+                raise FhirHttpError(422, f"cannot validate against {profile}: {e}") from None
+            missing = str(e)
     issues = structure_issues(res)
     if issues:
         return {"resourceType": "OperationOutcome", "issue": issues}
+    note = f" ({missing})" if missing else ""
     return outcome(f"{res.get('resourceType')} is structurally valid R4 (fhir.resources {r4.FHIR_VERSION}); "
-                   "profiles and terminology were not checked", "informational", "information")
+                   f"profiles, invariants and terminology were not checked{note}", "informational", "information")
 
 
 MODES = ("create", "update", "delete", "profile")
