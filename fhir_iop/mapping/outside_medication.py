@@ -82,9 +82,13 @@ def _medication(res: dict, ix: FhirIndex) -> tuple[str, str | None]:
 
 
 def _name(ref: dict | None, ix: FhirIndex) -> str | None:
+    """A prescriber's name: a Practitioner, PractitionerRole or Organization (not the client reporting it)."""
     if not ref:
         return None
-    return ref.get("display") or ix.names.get(FhirIndex.ref_key(ref) or "")
+    key = FhirIndex.ref_key(ref) or ""
+    if (ref.get("type") or key.split("/")[0]) in ("Patient", "RelatedPerson"):
+        return None
+    return ref.get("display") or ix.names.get(key)
 
 
 def from_fhir(res: dict, ix: FhirIndex, ctx: MappingContext) -> dict:

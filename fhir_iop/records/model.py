@@ -257,6 +257,10 @@ class Program(Record):
 
 # -- what comes in from other providers (EHR sync) ----------------------------------------------
 
+#: SNOMED "Referral to substance use disorder treatment program" (reference §4): a referral's default service
+REFERRAL_SNOMED = "1254709001"
+
+
 class Referral(Record):
     """A referral of a client to the site, e.g. from a hospital or primary-care EHR. Maps to ServiceRequest."""
 
@@ -274,7 +278,7 @@ class Referral(Record):
     """The program referred to (programs.program_id), if the referral names one."""
     level: Coded("program-level") | None = None
     """The level of care requested."""
-    service_snomed: Snomed | None = None
+    service_snomed: Annotated[Snomed, AfterValidator(lambda v: None if v == REFERRAL_SNOMED else v)] | None = None
     """SNOMED CT code of the service requested as the referrer coded it; empty means referral to a
     substance use disorder treatment program (SNOMED 1254709001)."""
     referring_practitioner: str | None = Field(default=None, max_length=200)

@@ -42,6 +42,18 @@ the EHR id kept as an ``identifier`` (system ``[base]/[type]``, use ``secondary`
 target is pulled too (in any order); references to types not stored here become absolute URLs at
 the EHR. A resource that fails structure validation is not stored (counted as ``invalid``, its
 id logged, the reason in the run's last error) and does not hold up the others.
+
+Our clients (see :func:`link_client`): a pulled Patient that carries the MRN of one of the site's clients
+— under the site's MRN system or one of ``mrn_match_systems`` in ``mappings/site.json`` (systems under
+which an EHR or HIE records the site's MRN) — is the EHR's record of that client. It is stored as the
+EHR's resource all the same (its own id, the EHR's demographics as the EHR has them), with a ``link``
+``{other: Patient/<the client's Patient>, type: seealso}`` (R4: "another patient resource known to contain
+data about the same person"); our Patient is never written by a pull. References of other pulled
+resources to that Patient are pointed at the client's Patient (:func:`point_at_clients`) when the linked
+Patient is stored by then — a pull takes the types in the connection's order, so list Patient first.
+What was stored before its Patient was linked still maps to the client: the reverse mapping
+(:mod:`fhir_iop.mapping.client`) resolves a linked Patient to the client it links to, reads it as one client
+record (the EHR's demographics fill the client's empty fields) and never as a second client.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ import orjson
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from fhir_iop.store.errors import Conflict, Invalid, NotFound
+from fhir_iop.store.errors import Conflict, Gone, Invalid, NotFound
 from fhir_iop.store.models import sync_run, sync_state
 from fhir_iop.store.params import RESOURCE_TYPES, split_reference
 from fhir_iop.store.repository import Store, Tx, now
@@ -191,9 +203,56 @@ class PullResult:
         return {"counts": self.counts, "errors": self.errors, "pages": self.pages}
 
 
+def link_client(tx: Tx, patient: dict, ctx=None) -> str | None:
+    """The id of our client's Patient that this pulled Patient (localized) carries the MRN of, or None.
+    ``ctx``: a :class:`~fhir_iop.mapping.common.MappingContext` (the site's, by default)."""
+    if ctx is None:
+        from fhir_iop.mapping.common import MappingContext
+        ctx = MappingContext()
+    systems = {ctx.systems.mrn, *ctx.settings.mrn_match_systems}
+    for ident in patient.get("identifier") or ():
+        if isinstance(ident, dict) and ident.get("system") in systems and isinstance(ident.get("value"), str):
+            ours = ctx.rid("client", ident["value"])
+            try:
+                tx.read("Patient", ours)
+            except (NotFound, Gone):
+                continue
+            return ours
+    return None
+
+
+def _linked(tx: Tx, pid: str, cache: dict[str, str | None]) -> str | None:
+    """Our client's Patient id when the stored Patient ``pid`` is a pulled record linked to it."""
+    if pid not in cache:
+        try:
+            links = tx.read("Patient", pid).resource.get("link") or ()
+        except (NotFound, Gone):
+            links = ()
+        cache[pid] = next((split_reference(lk["other"]["reference"])[1] for lk in links
+                           if lk.get("type") == "seealso" and (lk.get("other") or {}).get("reference", "").startswith(
+                               "Patient/")), None)
+    return cache[pid]
+
+
+def point_at_clients(tx: Tx, node, cache: dict[str, str | None]) -> None:
+    """References to a pulled Patient linked to one of our clients point at the client's Patient instead."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref.startswith("Patient/") and (ours := _linked(tx, ref[8:], cache)):
+            node["reference"] = f"Patient/{ours}"
+        for v in node.values():
+            if isinstance(v, (dict, list)):
+                point_at_clients(tx, v, cache)
+    elif isinstance(node, list):
+        for v in node:
+            point_at_clients(tx, v, cache)
+
+
 def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], result: PullResult,
                 types: tuple[str, ...] | None = None) -> None:
     """Store pulled resources (localized, structure-validated) in ``tx``; invalid ones are counted."""
+    links: dict[str, str | None] = {}  # pulled Patient id -> our client's Patient id (None: not linked)
+    ctx = None
     for res in resources:
         rtype = res.get("resourceType")
         if not isinstance(rtype, str) or not res.get("id") or rtype not in RESOURCE_TYPES or (
@@ -201,6 +260,20 @@ def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], resul
             result.add(str(rtype), "skipped")
             continue
         local = localize(res, connection)
+        if rtype == "Patient":
+            if ctx is None:
+                from fhir_iop.mapping.common import MappingContext
+                ctx = MappingContext()
+            ours = link_client(tx, local, ctx)
+            kept = [lk for lk in local.get("link") or () if not (isinstance(lk, dict) and lk.get("type") == "seealso"
+                    and (lk.get("other") or {}).get("reference") == f"Patient/{ours}")]
+            local.pop("link", None)
+            if kept or ours:
+                local["link"] = [*kept, *([{"other": {"reference": f"Patient/{ours}"}, "type": "seealso"}]
+                                          if ours else [])]
+            links[local["id"]] = ours
+        else:
+            point_at_clients(tx, {k: v for k, v in local.items() if k not in ("meta", "id")}, links)
         try:
             try:
                 written = tx.update(rtype, local["id"], local)
