@@ -124,3 +124,21 @@ def test_without_connections_nothing_is_queued(store):
     with store.transaction() as tx:
         tx.update("Encounter", enc["id"], enc)
     assert rows(store) == []
+
+
+def test_backfill_skips_what_was_sent_and_what_was_pulled(store):
+    conns = connections(resources={"Encounter": "push"})
+    mine, again, theirs = of_type("Encounter")[:3]
+    theirs["identifier"] = [{"system": "http://ehr.test/fhir/Encounter", "value": "ehr-1"}]  # as pull keeps it
+    configure({})
+    with store.transaction() as tx:
+        for e in (mine, again, theirs):
+            tx.update("Encounter", e["id"], e)
+    configure(conns)
+    assert outbox.backfill(store, conns["riverside"]) == 2
+    with store.transaction() as tx:
+        tx.conn.execute(outbox.sync_outbox.update().where(outbox.sync_outbox.c.resource_id == mine["id"])
+                        .values(state=outbox.SENT))
+    assert outbox.backfill(store, conns["riverside"]) == 1  # `again` coalesces; `mine` was sent at that version
+    assert sorted((r.resource_id, r.state) for r in rows(store)) == sorted(
+        [(mine["id"], "sent"), (again["id"], "pending")])

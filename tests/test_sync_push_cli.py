@@ -101,3 +101,24 @@ def test_pull_is_wired_and_what_it_pulls_is_not_pushed_back(tmp_path):
         assert st["runs"]["pull"]["ended"] is not None
     finally:
         configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
+
+
+def test_enqueue_backfills_what_was_stored_before_the_connection(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    store = Store(url)
+    try:
+        configure({})  # no connection yet: nothing queued
+        encs = of_type("Encounter")[:5]
+        load(store, encs)
+        cfg = tmp_path / "ehr.json"
+        cfg.write_text(json.dumps({"connections": {"riverside": {
+            "base_url": "http://ehr.test/fhir", "recipient": "RIVERSIDE-PC", "resources": {"Encounter": "push"}}}}))
+        code, _, err = run("sync", "enqueue", "--config", cfg, "--database", url, "--connection", "riverside")
+        assert code == 0 and "5 message(s) queued" in err
+        code, _, err = run("sync", "enqueue", "--config", cfg, "--database", url, "--connection", "riverside")
+        assert "5 message(s) queued" in err  # coalesced into the same five
+        code, out, _ = run("sync", "status", "--database", url, "--json")
+        assert json.loads(out)["riverside"]["messages"]["pending"] == 5
+    finally:
+        configure(None)  # back to $FHIR_IOP_SYNC_CONFIG (unset in tests)
+        store.dispose()

@@ -4,6 +4,7 @@
     fhir-iop sync pull --config ehr.yaml [--connection NAME] [--bulk] [--once|--loop]
     fhir-iop sync status [--config ehr.yaml] [--connection NAME] [--json]
     fhir-iop sync replay [--connection NAME] [--id N ...] [--withheld]
+    fhir-iop sync enqueue --config ehr.yaml --connection NAME [--type T ...]   (a backfill)
 
 ``--config`` defaults to ``$FHIR_IOP_SYNC_CONFIG``; ``--database`` to ``$FHIR_IOP_DATABASE_URL``.
 Exit codes (fhir_iop.cli_common): 0 done; 1 some messages went to the dead letters or a pull had
@@ -144,6 +145,26 @@ def status_cmd(config, connection, database, as_json):
         for d in s["dead_letters"]:
             click.echo(f"  dead #{d['id']} {d['operation']} {d['resource']} v{d['version']} "
                        f"after {d['attempts']} attempt(s): {d['error']}")
+    sys.exit(EXIT_OK)
+
+
+@sync_group.command("enqueue")
+@_config_opt
+@click.option("--connection", "connection", required=True, help="The connection to queue for.")
+@_database_opt
+@click.option("--type", "types", multiple=True, help="Only this resource type (repeatable).")
+@guard
+def enqueue_cmd(config, connection, database, types):
+    """Queue the stored resources the connection pushes that it was not sent yet (a backfill)."""
+    from fhir_iop.sync.outbox import backfill
+    from fhir_iop.sync.worker import select
+    conn = select(_connections(config), "push", connection)[connection]
+    store = _store(database)
+    try:
+        n = backfill(store, conn, types or None)
+    finally:
+        store.dispose()
+    click.echo(f"sync enqueue {connection}: {n} message(s) queued; `fhir-iop sync push` sends them", err=True)
     sys.exit(EXIT_OK)
 
 

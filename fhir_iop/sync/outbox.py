@@ -141,3 +141,47 @@ def register() -> None:
 
 
 register()
+
+
+def backfill(store, connection, types=None, batch: int = 500) -> int:
+    """Queue the current version of every stored resource of the types ``connection`` pushes (or
+    ``types``) that it has not been sent yet: for a connection added to a store that has data, or
+    after an EHR lost records. Resources pulled from a configured EHR (they carry its
+    ``<base_url>/<type>`` identifier) are left out; waiting messages are coalesced as usual. How many
+    messages were queued or refreshed."""
+    from fhir_iop.store.models import resource as res_table
+    from fhir_iop.sync.pull import remote_system
+    wanted = [t for t in (types or connection.push_types) if t in connection.push_types]
+    pulled_systems = {remote_system(c, t) for c in (connections() or {connection.name: connection}).values()
+                      for t in wanted} | {remote_system(connection, t) for t in wanted}
+    o = sync_outbox.c
+    n = 0
+    for rt in wanted:
+        last = 0
+        while True:
+            with store.transaction() as tx:
+                rows = list(tx.conn.execute(select(res_table.c.rid, res_table.c.id, res_table.c.version_id,
+                                                   res_table.c.body)
+                                            .where(res_table.c.type == rt, res_table.c.deleted.is_(False),
+                                                   res_table.c.rid > last)
+                                            .order_by(res_table.c.rid).limit(batch)))
+                if not rows:
+                    break
+                last = rows[-1].rid
+                sent = {(r.resource_id, r.version_id) for r in tx.conn.execute(
+                    select(o.resource_id, o.version_id).where(o.connection == connection.name, o.resource_type == rt,
+                                                              o.state == SENT, o.operation == "PUT",
+                                                              o.resource_id.in_([r.id for r in rows])))}
+                for r in rows:
+                    if (r.id, r.version_id) in sent or _pulled(r.body, pulled_systems):
+                        continue
+                    enqueue(tx.conn, connection.name, rt, r.id, r.version_id, "PUT")
+                    n += 1
+    return n
+
+
+def _pulled(body: str, systems: set) -> bool:
+    import orjson
+    idents = orjson.loads(body).get("identifier")
+    return any(isinstance(i, dict) and i.get("system") in systems
+               for i in ([idents] if isinstance(idents, dict) else idents or ()))
