@@ -21,7 +21,10 @@ the message commits or rolls back with the resource itself: nothing is lost betw
   returns after one dictionary lookup.
 
 Unchanged writes (a PUT of identical content) do not call the hooks, so loading the same files
-again queues nothing.
+again queues nothing. What was stored before a connection existed is queued by :func:`backfill`
+(``fhir-iop sync enqueue``). The hook is registered when this module is imported: by the server
+(``server/routes/sync.py``), by every ``fhir-iop`` command that opens the store, and by the sync
+modules.
 """
 
 from __future__ import annotations
