@@ -437,3 +437,26 @@ def test_duplicate_name_detection_agrees_with_a_full_parse(count):
             assert refused is None or "control character" in refused, (refused, data)
         count("hardening.duplicate-names")
     run()
+
+
+@pytest.mark.parametrize("query, words", [
+    ("&".join(f"identifier=a|{i}" for i in range(21)), "21 search criteria"),
+    ("name=" + ",".join(f"n{i}" for i in range(101)), "101 values"),
+    ("&".join("name=" + ",".join(f"n{i}" for i in range(90)) for _ in range(3)), "270 search values"),
+    ("_sort=" + ",".join(["_id"] * 9), "_sort has 9 keys"),
+    ("&".join(["_revinclude=Observation:patient"] * 33), "33 _include"),
+])
+def test_searches_past_the_limits_are_too_costly(client, query, words):
+    """Each of these was a 500 (SQLite: expression tree too large) or took seconds to plan (PostgreSQL)."""
+    oo = assert_outcome(client.get(f"/Patient?{query}"), 400, words)
+    assert oo["issue"][0]["code"] == "too-costly"
+    r = client.post("/Patient/_search", data=query, content_type="application/x-www-form-urlencoded")
+    assert_outcome(r, 400, words)
+
+
+def test_searches_at_the_limits_are_answered(client):
+    at = ["&".join(f"identifier=a|{i},b|{i}" for i in range(20)), "name=" + ",".join(f"n{i}" for i in range(100)),
+          "_sort=" + ",".join(["_id", "-_lastUpdated", "birthdate", "name", "family", "-given", "gender", "identifier"])]
+    for q in at:
+        r = client.get(f"/Patient?{q}")
+        assert r.status_code == 200 and r.json["total"] == 0, r.get_data(as_text=True)[:300]

@@ -6,6 +6,7 @@
     ├── Conflict            the write contradicts the store (id in use…)       409
     ├── PreconditionFailed  If-Match is stale, or a condition matched >1       412
     ├── Invalid             the resource or request is not acceptable          422 / 400
+    ├── TooCostly           a search past the limits of fhir_iop.store.search  400
     └── UnknownParameter    a search parameter the store does not support      400 (strict)
 """
 
@@ -50,3 +51,8 @@ class Invalid(StoreError):
 
 class UnknownParameter(StoreError):
     status, code = 400, "not-supported"
+
+
+class TooCostly(StoreError):
+    """A search with more criteria, values, sort keys or includes than the store answers (``too-costly``)."""
+    status, code = 400, "too-costly"
