@@ -37,12 +37,14 @@ class _Report:
     def __init__(self, path: Path | None, quiet: bool):
         self.path, self.quiet = path, quiet
         self.problems: list[Problem] = []
-        self.errors = self.warnings = 0
+        self.errors = self.warnings = self.notes = 0
 
     def add(self, p: Problem) -> None:
         self.problems.append(p)
         if p.severity == "error":
             self.errors += 1
+        elif p.severity == "information":  # e.g. an EHR's Patient read as the client it is linked to
+            self.notes += 1
         else:
             self.warnings += 1
         if not self.quiet:
@@ -57,8 +59,9 @@ class _Report:
         parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         click.echo(f"{total} {what} written ({parts or 'none'}) in {secs:.1f}s; "
                    f"{self.errors} rejected, {self.warnings} not mapped"
+                   + (f", {self.notes} note(s)" if self.notes else "")
                    + (f"; details in {self.path}" if self.path and self.problems else ""), err=True)
-        return EXIT_REJECTED if self.problems else EXIT_OK
+        return EXIT_REJECTED if self.errors or self.warnings else EXIT_OK
 
 
 

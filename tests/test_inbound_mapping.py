@@ -391,3 +391,19 @@ def test_pull_then_export_gives_the_iop_records(db_url, tmp_path):  # noqa: F811
                             f"Patient/{local_id('county', 'Patient', 'pt-1')}"]), issues
     assert {i["severity"] for i in issues} == {"warning", "information"}
     assert res.exit_code == 1  # content reported as not mapped (the hepatitis C test, the uncited Condition)
+
+
+def test_a_linked_patient_is_a_note_not_a_failure_of_the_command(tmp_path):
+    """`fhir-iop map from-fhir`: the linked Patient is reported as information (exit 0), read as our client."""
+    ctx = MappingContext()
+    ours = [r for r in pipeline.to_fhir([CLINIC / "clients.csv"]) if isinstance(r, dict)
+            and r["id"] == ctx.rid("client", "M100008")]
+    ehr = ehr_chart(ctx.systems.mrn, "M100008")[0]
+    ehr["link"] = [{"other": {"reference": f"Patient/{ours[0]['id']}"}, "type": "seealso"}]
+    bundle = write_bundle([*ours, ehr], tmp_path / "b.json")
+    res = CliRunner().invoke(main, ["map", "from-fhir", str(bundle), "--out", str(tmp_path / "out")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    assert "0 rejected, 0 not mapped, 1 note(s)" in res.stderr
+    rows = (tmp_path / "out" / "clients.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 2 and rows[1].startswith("M100008,Murphy,Anjali") and rows[1].endswith("Ravi Murphy,732-555-0123")
