@@ -210,7 +210,8 @@ VALUES = st.one_of(
     st.builds(lambda t, i: f"{t}/{i}", st.sampled_from([*RESOURCE_TYPES, "X"]), st.text(max_size=8)),
     st.sampled_from(["Observation:patient", "Observation:subject:Patient", "*", "Encounter:x", "Patient:general-practitioner",
                      "-_lastUpdated", "date,-_id", "true", "false", "count", "text", "data", "accurate", "none",
-                     "id,name", "xml", "0", "-1", "1000000", "3.5", "a,b,,c", "1,2"]),
+                     "id,name", "xml", "0", "-1", "1000000", "3.5", "a,b,,c", "1,2", "9" * 25, "1e400",
+                     "2147483648", "-9223372036854775809"]),
 )
 
 
@@ -255,7 +256,7 @@ def test_fuzz_searches_on_every_type(seeded, count):
 
 SEGMENTS = [*RESOURCE_TYPES, "AuditEvent", "Nonsense", "patient", "_history", "_search", "$validate", "$load-iop",
             "$everything", "$meta", "metadata", ".well-known", "smart-configuration", "auth", "token", "jwks", "1", "x",
-            "..", ".", "%00", "%2F", "%ff", "_history", "1", "", "a" * 300, "Patient%00", "%E2%80%AE"]
+            "..", ".", "%00", "%2F", "%ff", "_history", "1", "", "a" * 300, "Patient%00", "%E2%80%AE", "9" * 25]
 HEADER_VALUES = st.sampled_from(["", "*/*", FHIR_JSON, FHIR_XML, "text/html", "text/plain", "application/json;q=0",
                                  "W/\"1\"", "W/\"x\"", "Bearer x", "Bearer " + "a" * 2000, "Basic Zm9vOmJhcg==",
                                  "true", "yes", "maybe", "handling=strict", "return=minimal", "identifier=a|b",
@@ -271,7 +272,8 @@ def raw_request(draw):
     path = "/" + "/".join(segs).lstrip("/")  # (the test client would read "//x" as a host name)
     if draw(st.booleans()):
         path += "?" + draw(st.sampled_from(["_format=xml", "_format=bogus", "_pretty=true", "_count=-1", "%00",
-                                            "_summary=count", "mode=delete", "profile=http://x", "_since=x"]))
+                                            "_summary=count", "mode=delete", "profile=http://x", "_since=x",
+                                            "_offset=" + "9" * 25, "_count=" + "9" * 25]))
     headers = {}
     for h in draw(st.lists(st.sampled_from(HEADERS), max_size=4, unique=True)):
         value = draw(HEADER_VALUES)

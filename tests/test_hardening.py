@@ -460,3 +460,20 @@ def test_searches_at_the_limits_are_answered(client):
     for q in at:
         r = client.get(f"/Patient?{q}")
         assert r.status_code == 200 and r.json["total"] == 0, r.get_data(as_text=True)[:300]
+
+
+BIG = "9" * 25
+
+
+@pytest.mark.parametrize("url, status", [
+    (f"/Patient?_offset={BIG}", 400), (f"/Patient/_history?_offset={BIG}", 400), (f"/_history?_offset={BIG}", 400),
+    (f"/Patient/x/_history/{BIG}", 404), (f"/Patient?_count={BIG}", 200), (f"/_history?_count={BIG}", 200),
+    (f"/Observation?value-quantity={BIG}", 200), ("/Observation?value-quantity=1e400", 200),
+    (f"/Patient?birthdate=ge{BIG}", 400),
+])
+def test_numbers_past_every_integer_column_are_answered(client, url, status):
+    """A 25-digit _offset or version id overflowed SQLite's and PostgreSQL's integers (500s)."""
+    r = client.get(url)
+    assert r.status_code == status, r.get_data(as_text=True)[:300]
+    if status >= 400:
+        assert r.json["resourceType"] == "OperationOutcome"

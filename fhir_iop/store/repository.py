@@ -192,8 +192,8 @@ class Tx:
 
     def vread(self, rt: str, rid: str, vid: str) -> Stored:
         check_type(rt)
-        if not vid.isdigit():
-            raise NotFound(f"{rt}/{rid}/_history/{vid} is not known")
+        if not vid.isdigit() or int(vid) > 2 ** 31 - 1:  # (a version id past the column's range: none)
+            raise NotFound(f"{rt}/{rid}/_history/{vid[:20]} is not known")
         stmt = select(resource_version).where(resource_version.c.type == rt, resource_version.c.id == rid,
                                               resource_version.c.version_id == int(vid))
         if (cond := self.visible(resource_version)) is not None:

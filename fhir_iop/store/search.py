@@ -28,6 +28,8 @@ MODIFIERS = {"token": ("not", "missing"), "uri": ("below", "missing"), "string":
              "date": ("missing",), "reference": ("missing",), "quantity": ("missing",), "number": ("missing",)}
 SORT_TYPES = ("date", "string", "token", "uri", "quantity", "number")
 MAX_INCLUDES = 1000
+#: the largest _offset (databases take 32-bit offsets at least; past it SQLite overflows: a 500)
+MAX_OFFSET = 2 ** 31 - 1
 TOTAL_CAP = 1000  # default: Bundle.total is given when the matches are at most this many
 
 
@@ -116,7 +118,7 @@ def parse(registry: Registry, rt: str, params: list[tuple[str, str]], strict: bo
 #: what one search may ask for (past them a query is slow to plan — PostgreSQL took 25 s for 64 criteria
 #: on an empty store — or past the database's own limits on expression depth and compound selects: a
 #: 500): criteria, values of one criterion, _sort keys, includes
-MAX_CRITERIA, MAX_VALUES, MAX_SORT, MAX_INCLUDES = 20, 100, 8, 32
+MAX_CRITERIA, MAX_VALUES, MAX_SORT, MAX_INCLUDE_PARAMS = 20, 100, 8, 32
 #: values of all criteria together (each is a condition the database plans)
 MAX_TOTAL_VALUES = 256
 
@@ -132,8 +134,8 @@ def _check_limits(q: Query) -> None:
         raise TooCostly(f"{n} search values in all: at most {MAX_TOTAL_VALUES}")
     if len(q.sort) > MAX_SORT:
         raise TooCostly(f"_sort has {len(q.sort)} keys: at most {MAX_SORT}")
-    if len(q.include) + len(q.revinclude) > MAX_INCLUDES:
-        raise TooCostly(f"{len(q.include) + len(q.revinclude)} _include/_revinclude: at most {MAX_INCLUDES}")
+    if len(q.include) + len(q.revinclude) > MAX_INCLUDE_PARAMS:
+        raise TooCostly(f"{len(q.include) + len(q.revinclude)} _include/_revinclude: at most {MAX_INCLUDE_PARAMS}")
 
 
 def _result_param(registry, q: Query, base, modifier, value, max_count, unknown) -> bool:
@@ -142,8 +144,8 @@ def _result_param(registry, q: Query, base, modifier, value, max_count, unknown)
             raise Invalid(f"_count must be a non-negative integer, not {value!r}", status=400)
         q.count = min(int(value), max_count)
     elif base == "_offset":
-        if not value.isdigit():
-            raise Invalid(f"_offset must be a non-negative integer, not {value!r}", status=400)
+        if not value.isdigit() or int(value) > MAX_OFFSET:
+            raise Invalid(f"_offset must be an integer from 0 to {MAX_OFFSET}, not {value[:20]!r}", status=400)
         q.offset = int(value)
     elif base == "_sort":
         for key in value.split(","):

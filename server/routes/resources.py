@@ -147,6 +147,8 @@ def history_params() -> tuple[datetime | None, int, int]:
         offset = int(request.args.get("_offset", 0))
     except ValueError:
         raise Invalid("_count and _offset take integers", status=400) from None
+    if offset > search.MAX_OFFSET:
+        raise Invalid(f"_offset must be at most {search.MAX_OFFSET}", status=400)
     return (rng[0] if rng else None), max(count, 0), max(offset, 0)
 
 
