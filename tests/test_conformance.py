@@ -18,6 +18,7 @@ import pytest
 
 from fhir_iop import pipeline
 from fhir_iop.conformance import build, specs
+from fhir_iop.mapping.common import PART2_LABELS as PART2
 from fhir_iop.conformance.definitions import R4_DIR, US_CORE_DIR, Definitions
 from fhir_iop.conformance.snapshot import SnapshotError, apply, type_code
 from fhir_iop.errors import ConfigError
@@ -68,6 +69,23 @@ def test_building_again_gives_exactly_the_committed_files():
     outputs = build.build(Definitions())
     assert build.differences(outputs) == [], "run: python -m fhir_iop.conformance.build"
     assert build.build(Definitions()) == outputs, "two builds differ"
+    assert build.differences(build.dependencies(Definitions()), build.DEPENDENCIES_DIR) == [], \
+        "run: python -m fhir_iop.conformance.build"
+
+
+@needs_definitions
+def test_what_leaves_with_the_redisclosure_mark_still_validates():
+    """The §2.32 notice rides in DS4P's extension-display and the THO code RedisclosureProhibitionMark, both
+    newer than the R4 packages: the validator knows them (fhir_iop/data/dependencies, cited codes)."""
+    from fhir_iop.disclosure import mark
+    from fhir_iop.validation import default_validator
+    patient = {"resourceType": "Patient", "id": "p1", "meta": {"security": [dict(c) for c in PART2]},
+               "identifier": [{"system": "https://example.org/mrn", "value": "M1"}], "gender": "female"}
+    issues = default_validator().validate(mark(patient), [])
+    assert [str(i) for i in issues if i.severity in ("error", "fatal")] == []
+    bad = mark(patient)
+    bad["meta"]["extension"][0] = {"url": bad["meta"]["extension"][0]["url"], "valueString": "no annotation"}
+    assert any(i.severity == "error" for i in default_validator().validate(bad, [])), "the extension's type is checked"
 
 
 @needs_definitions

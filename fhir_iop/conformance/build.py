@@ -35,6 +35,8 @@ PUBLISHER = "fhir-iop"
 _ORDER = ("id", "path", "sliceName", "short", "definition", "comment", "min", "max", "base", "contentReference",
           "type", "slicing")
 CAPABILITY_ID = "fhir-iop"
+#: other IGs' StructureDefinitions that fhir-iop's validator loads besides FHIR core and US Core
+DEPENDENCIES_DIR = Path(__file__).resolve().parents[1] / "data" / "dependencies"
 
 
 def _sorted_keys(el: dict) -> dict:
@@ -154,6 +156,24 @@ def extension_sd(spec: specs.Extension, defs: Definitions) -> dict:
     snap, diff = _snapshot(base, differential("Extension", rules, {}, spec.url), defs, spec.url)
     return _sd(spec.id, spec.title, spec.description, _mappings(snap, base, defs), "complex-type",
                [{"type": "element", "expression": c} for c in spec.context], "Extension", base, snap, diff)
+
+
+def dependency_sd(spec: specs.ExternalExtension, defs: Definitions) -> dict:
+    """Another IG's extension, rebuilt (differential + snapshot) under its own URL for the validator."""
+    sd = extension_sd(spec, defs)
+    return sd | {"id": spec.id, "url": spec.url, "version": None, "name": spec.name or sd["name"], "status": "active", "publisher": spec.publisher,
+                 "description": f"{spec.description} (Rebuilt by fhir-iop from the differential published in "
+                                f"{spec.source}, so that fhir-iop's validator knows it; not a fhir-iop definition.)"}
+
+
+def dependencies(defs: Definitions | None = None) -> dict[str, str]:
+    """The files of ``fhir_iop/data/dependencies/``: other IGs' definitions what fhir-iop sends uses."""
+    defs = defs or Definitions()
+    out = {}
+    for spec in specs.DEPENDENCY_EXTENSIONS:
+        sd = {k: v for k, v in dependency_sd(spec, defs).items() if v is not None}
+        out[f"StructureDefinition-{spec.id}.json"] = dumps(sd)
+    return out
 
 
 def profile_sd(spec: specs.Profile, defs: Definitions, extensions: dict[str, specs.Extension]) -> dict:
@@ -467,15 +487,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         outputs = build()
+        deps = dependencies()
     except FhirIopError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        diffs = differences(outputs, args.out)
+        diffs = differences(outputs, args.out) + [f"{DEPENDENCIES_DIR.name}/{d}" for d in differences(deps, DEPENDENCIES_DIR)]
         for d in diffs:
             print(f"differs: {d}")
         return 1 if diffs else 0
     args.out.mkdir(parents=True, exist_ok=True)
+    DEPENDENCIES_DIR.mkdir(parents=True, exist_ok=True)
+    write(deps, DEPENDENCIES_DIR)
     changed = write(outputs, args.out)
     print(f"{len(outputs)} files in {args.out}; {len(changed)} changed"
           + (f": {', '.join(changed)}" if changed else ""))

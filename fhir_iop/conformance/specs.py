@@ -481,6 +481,34 @@ class Extension:
         return SD + self.id
 
 
+@dataclass(frozen=True)
+class ExternalExtension(Extension):
+    """An extension another IG defines that what fhir-iop sends uses; rebuilt from its published
+    differential under its own canonical URL, for fhir-iop's validator only (not published by us)."""
+    canonical: str = ""
+    name: str = ""
+    publisher: str = ""
+    source: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.canonical
+
+
+#: DS4P (hl7.fhir.uv.security-label-ds4p 1.0.0; canonical URL in domain-codes.md §6b): the mark that must be
+#: shown with a resource, used for the 42 CFR 2.32 notice (fhir_iop.disclosure.notice). Differential as
+#: published: context Resource.meta, value[x] only Annotation, 1..1 (github.com/HL7/fhir-security-label-ds4p,
+#: input/resources/structuredefinition/extension-display.json).
+DEPENDENCY_EXTENSIONS = (
+    ExternalExtension("extension-display", "Must Display",
+                      "Specifies that a marking must be displayed when the resource is rendered in print or in "
+                      "electronic form.", ("Resource.meta",), type="Annotation",
+                      canonical="http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-display",
+                      name="ExtensionMustDisplay", publisher="HL7 International / Security",
+                      source="FHIR Data Segmentation for Privacy (DS4P) 1.0.0"),
+)
+
+
 #: fhir-iop codes that travel in an extension named after their CodeSystem (MappingContext.ext_coding),
 #: and the elements that carry them
 CODING_EXTENSIONS = {

@@ -77,6 +77,9 @@ class Codes:
             for c, d in cs.codes.items():
                 if c.lower() == low:
                     return True, d
+        verified = self.defs.verified.get(system)  # a code cited from a newer release than the packaged one
+        if verified and code in verified:          # (e.g. THO v3-ActCode#RedisclosureProhibitionMark)
+            return True, verified[code]
         return False, None
 
     def displays(self, system: str, code: str) -> set[str] | None:

@@ -368,7 +368,8 @@ class Definitions:
             res = orjson.loads(path.read_bytes())
             if res.get("resourceType") in ("ValueSet", "CodeSystem"):
                 self._add_terminology(res)
-        for d in dirs:
+        from fhir_iop.conformance.build import DEPENDENCIES_DIR  # other IGs' extensions what fhir-iop sends uses
+        for d in [DEPENDENCIES_DIR, *dirs]:
             for path in sorted(d.glob("StructureDefinition-*.json")):
                 try:
                     res = orjson.loads(path.read_bytes())

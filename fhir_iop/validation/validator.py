@@ -954,6 +954,10 @@ class Validator:
                 return True
             if expr in ("Resource", "DomainResource") and is_resource:
                 return True
+            root, _, rest = host_el.path.partition(".")
+            if (expr.startswith(("Resource.", "DomainResource.")) and rest and expr.partition(".")[2] == rest
+                    and root in self.defs.resource_types):  # Resource.meta names every resource's meta
+                return True
             if expr == "Extension" and host.endswith(".extension"):
                 return True
             if expr == "BackboneElement" and "." in host:
