@@ -175,7 +175,7 @@ def _index(resources: Iterable, ix: FhirIndex, ctx: MappingContext,
             for r in refs:
                 ix.names[r] = name
         if rt == "Patient":
-            client.index(res, ix, refs)
+            client.index(res, ix, refs, ctx)
         for indexer in INDEXERS.get(rt, ()):
             indexer(res, ix, refs)
         if rt == "Coverage":

@@ -407,3 +407,20 @@ def test_a_linked_patient_is_a_note_not_a_failure_of_the_command(tmp_path):
     assert "0 rejected, 0 not mapped, 1 note(s)" in res.stderr
     rows = (tmp_path / "out" / "clients.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 2 and rows[1].startswith("M100008,Murphy,Anjali") and rows[1].endswith("Ravi Murphy,732-555-0123")
+
+
+def test_an_ehr_patient_pulled_before_its_client_was_loaded_is_still_one_client(tmp_path):
+    """No link yet (the client's Patient was not stored when it was pulled), but recorded by the EHR
+    (meta.source) with the client's MRN: read as that client, and the chart maps to it."""
+    ctx = MappingContext()
+    ours = [r for r in pipeline.to_fhir([CLINIC / "clients.csv"]) if isinstance(r, dict)]
+    chart = ehr_chart(ctx.systems.mrn, "M100008")
+    chart[0]["meta"] = {"source": "https://ehr.example.org/fhir/Patient/pt-1/_history/3"}
+    other = {**chart[0], "id": "pt-9", "identifier": [{"system": ctx.systems.mrn, "value": "M999999"}]}
+    records, problems = run(write_bundle([*ours, *chart[:4], other], tmp_path / "b.json"))
+    clients = [c for c in records if isinstance(c, Client)]
+    assert [c.mrn for c in clients].count("M100008") == 1 and len(clients) == 26  # 25 and the unknown MRN
+    assert next(c for c in clients if c.mrn == "M100008").emergency_contact_name == "Ravi Murphy"
+    (r,) = [r for r in records if isinstance(r, Referral)]
+    assert r.client_mrn == "M100008"
+    assert [p.severity for p in problems if p.where.endswith("Patient/pt-1")] == ["information"]

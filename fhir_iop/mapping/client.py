@@ -49,14 +49,16 @@ def mrn_of(pt: dict, ctx: MappingContext) -> str | None:
 # A pulled Patient that carries a client's MRN is stored as the EHR's own resource with ``link``
 # ``{other: Patient/<ours>, type: seealso}``. Reading back, it is not a client of its own: references to it
 # resolve to the client it links to, and its demographics fill that client's empty fields (the program's
-# own values win).
+# own values win). A Patient recorded by another system (``meta.source``) that carries a client's MRN
+# (the site's MRN system or ``mrn_match_systems``) but no link — pulled before the client was loaded — is
+# read the same way when the client's own Patient is in the input.
 
 LINK_TYPES = ("seealso",)
-_LINKED = "linked:"
+_LINKED, _PENDING, _OURS, _BY_MRN = "linked:", "pending:", "client:", "mrn:"
 
 
-def index(pt: dict, ix: FhirIndex, refs: list[str]) -> None:
-    """First pass: remember where a Patient links to, and its demographics."""
+def index(pt: dict, ix: FhirIndex, refs: list[str], ctx: MappingContext) -> None:
+    """First pass: remember where a Patient links to (or which client's MRN it carries), and its demographics."""
     for link in pt.get("link") or ():
         target = FhirIndex.ref_key(link.get("other"))
         if link.get("type") in LINK_TYPES and target and target not in refs:
@@ -64,11 +66,28 @@ def index(pt: dict, ix: FhirIndex, refs: list[str]) -> None:
                 ix.patient_links[r] = target
             ix.facts.setdefault(_LINKED + target, []).append(_demographics(pt))
             return
+    if not (pt.get("meta") or {}).get("source"):  # the program's own Patient (or one written through the API)
+        ix.facts[_OURS + (mrn_of(pt, ctx) or "")] = refs[0]
+        return
+    systems = {ctx.systems.mrn, *ctx.settings.mrn_match_systems}
+    mrn = next((i["value"] for i in pt.get("identifier") or () if i.get("system") in systems and i.get("value")), None)
+    if mrn is not None:
+        for r in refs:
+            ix.patient_links[r] = _BY_MRN + mrn
+        ix.facts[_PENDING + refs[0]] = _demographics(pt)
 
 
 def resolve_links(ix: FhirIndex) -> None:
     """After the first pass: references to a linked Patient name the client it links to."""
-    for ref, target in ix.patient_links.items():
+    for ref, target in list(ix.patient_links.items()):
+        if target.startswith(_BY_MRN):  # carries a client's MRN: linked if that client's Patient is here
+            ours = ix.facts.get(_OURS + target[len(_BY_MRN):])
+            if ours is None:
+                del ix.patient_links[ref]
+                continue
+            ix.patient_links[ref] = target = ours
+            if (demographics := ix.facts.pop(_PENDING + ref, None)) is not None:
+                ix.facts.setdefault(_LINKED + ours, []).append(demographics)
         if target in ix.keys and target not in ix.patient_links:
             ix.keys[ref] = ix.keys[target]
 

@@ -53,7 +53,9 @@ resources to that Patient are pointed at the client's Patient (:func:`point_at_c
 Patient is stored by then — a pull takes the types in the connection's order, so list Patient first.
 What was stored before its Patient was linked still maps to the client: the reverse mapping
 (:mod:`fhir_iop.mapping.client`) resolves a linked Patient to the client it links to, reads it as one client
-record (the EHR's demographics fill the client's empty fields) and never as a second client.
+record (the EHR's demographics fill the client's empty fields) and never as a second client — as it does
+for a pulled Patient carrying a client's MRN that was pulled before the client was loaded (no link yet).
+Stored resources are not rewritten when a link appears later; a later pull of them points them at ours.
 """
 
 from __future__ import annotations
