@@ -5,6 +5,7 @@ Run ``python -m fhir_iop.records.doc > docs/record-format.md`` after changing a 
 
 from __future__ import annotations
 
+import inspect
 import typing
 
 from fhir_iop.records.io import ENTRY_SEP, LIST_SEP, PART_SEP, shapes
@@ -92,7 +93,7 @@ def record_format_markdown() -> str:
     out = [INTRO]
     parts = set()
     for model in RECORD_TYPES:
-        out += [f"## `{model.file_stem}` — {model.__name__}", "", (model.__doc__ or "").strip(), ""]
+        out += [f"## `{model.file_stem}` — {model.__name__}", "", inspect.cleandoc(model.__doc__ or ""), ""]
         out += _table(model, t) + [""]
         parts |= {p for k, p in shapes(model).values() if p}
     for part in sorted(parts, key=lambda p: p.__name__):

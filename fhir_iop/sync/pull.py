@@ -55,7 +55,8 @@ What was stored before its Patient was linked still maps to the client: the reve
 (:mod:`fhir_iop.mapping.client`) resolves a linked Patient to the client it links to, reads it as one client
 record (the EHR's demographics fill the client's empty fields) and never as a second client — as it does
 for a pulled Patient carrying a client's MRN that was pulled before the client was loaded (no link yet).
-Stored resources are not rewritten when a link appears later; a later pull of them points them at ours.
+Resources already stored are not rewritten when a link appears later: the reverse mapping resolves
+their references through the link.
 """
 
 from __future__ import annotations
