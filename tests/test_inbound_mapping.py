@@ -424,3 +424,16 @@ def test_an_ehr_patient_pulled_before_its_client_was_loaded_is_still_one_client(
     (r,) = [r for r in records if isinstance(r, Referral)]
     assert r.client_mrn == "M100008"
     assert [p.severity for p in problems if p.where.endswith("Patient/pt-1")] == ["information"]
+
+
+def test_a_drug_result_without_its_report_is_reported_as_such_not_as_foreign(tmp_path):
+    """A lone drug-analyte Observation (no DiagnosticReport: no panel) is named as a drug-screen result that
+    nothing includes; a lone hepatitis C result as not an IOP concept."""
+    chart = ehr_chart("urn:x", "P1")
+    lone = [chart[0], chart[6], chart[-1]]  # the Patient, the buprenorphine result, the hepatitis C test
+    records, problems = run(write_bundle(lone, tmp_path / "b.json"))
+    assert not [r for r in records if isinstance(r, DrugScreen)]
+    by_where = {p.where.rsplit(": ", 1)[1]: p for p in problems}
+    assert "as a result of a drug screen (DiagnosticReport.result)" in by_where["Observation/obs-bup"].message
+    assert by_where["Observation/obs-hcv"].message.startswith("not an IOP concept")
+    assert {p.severity for p in problems} == {"warning"}
