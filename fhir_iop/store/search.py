@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, exists, false, func, not_, or_, select
+from sqlalchemy import and_, exists, false, func, not_, or_, select, true
 
 from fhir_iop.store.errors import Invalid, UnknownParameter
 from fhir_iop.store.models import INDEX_TABLES, resource, search_reference
@@ -293,7 +293,8 @@ def _criterion(rt: str, c: Criterion, drive: bool):
 
 def _values(c: Criterion):
     table = INDEX_TABLES[c.param.type]
-    return or_(*(_value_condition(c, table, v) for v in c.values if v != ""))
+    conds = [_value_condition(c, table, v) for v in c.values if v != ""]
+    return or_(*conds) if conds else true()  # only empty values ("name=,"): what or_() of nothing did
 
 
 def _driving_rids(rt: str, c: Criterion):
