@@ -236,16 +236,19 @@ def capability_statement() -> dict:
         "version": __version__, "name": "FhirIop", "title": "fhir-iop capabilities", "status": "active",
         "experimental": False, "date": specs.DATE, "publisher": PUBLISHER,
         "description": "What fhir-iop, the IOP records ⇄ FHIR R4 adapter, produces and reads: the resource types "
-                       "and profiles of its mapping. It has no REST API yet: the resources travel as files "
-                       "(transaction Bundles, NDJSON, JSON or XML) through the fhir-iop command line. The FHIR "
-                       "facade to come will add its interactions here.",
+                       "and profiles of its mapping. The resources travel as files (transaction Bundles, NDJSON, "
+                       "JSON or XML) through the fhir-iop command line, and through its FHIR facade, whose "
+                       "GET [base]/metadata instantiates this statement and lists the REST interactions, search "
+                       "parameters, operations (Bulk Data $export, $validate) and SMART security it implements.",
         "kind": "capability", "software": {"name": "fhir-iop", "version": __version__},
         "fhirVersion": R4_VERSION, "format": ["json", "xml"],
         "rest": [{"mode": "server",
-                  "documentation": "No REST interactions yet. Each resource type lists the profiles fhir-iop "
-                                   "stamps in meta.profile (its own, then the US Core parent where one exists); "
-                                   "files of these resources are what `fhir-iop map to-fhir` writes and "
-                                   "`fhir-iop map from-fhir` reads.",
+                  "documentation": "Each resource type lists the profiles fhir-iop stamps in meta.profile (its "
+                                   "own, then the US Core parent where one exists): files of these resources are "
+                                   "what `fhir-iop map to-fhir` writes and `fhir-iop map from-fhir` reads, and what "
+                                   "the facade serves. The facade's own CapabilityStatement (GET [base]/metadata) "
+                                   "states its interactions; access needs SMART Backend Services authorization, "
+                                   "and 42 CFR Part 2 consent governs what leaves.",
                   "resource": [{"type": t, "supportedProfile": urls} for t, urls in sorted(by_type.items())]}],
     }
 
