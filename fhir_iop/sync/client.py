@@ -72,6 +72,15 @@ class EhrError(Exception):
     def __repr__(self) -> str:
         return f"EhrError({self.status}, {self.message!r}, retry_after={self.retry_after}, transient={self.transient})"
 
+    @property
+    def loggable(self) -> str:
+        """What may go to the application log: the status and the OperationOutcome's issue codes, never the
+        EHR's text (an EHR may quote names, birth dates or identifiers back)."""
+        codes = sorted({i.get("code") for i in (self.outcome or {}).get("issue") or () if isinstance(i, dict)
+                        and isinstance(i.get("code"), str)})
+        return (f"HTTP {self.status}" if self.status else "no HTTP answer") + (
+            f" ({', '.join(codes)})" if codes else "") + (", transient" if self.transient else "")
+
 
 class Page(dict):
     """One search result page: the Bundle itself, plus ``url`` (what was fetched), ``number``

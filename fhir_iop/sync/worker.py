@@ -61,7 +61,8 @@ def push_pass(store, connections: dict, worker: str | None = None, clients: dict
             if not isinstance(e, (EhrError,)) and not _library_error(e):
                 raise
             out.errors[name] = getattr(e, "message", None) or str(e)
-            log.warning("sync %s: push stopped: %s", name, out.errors[name])
+            log.warning("sync %s: push stopped: %s", name,  # no EHR text in the log (it may quote PHI back)
+                        e.loggable if isinstance(e, EhrError) else type(e).__name__)
     return out
 
 
