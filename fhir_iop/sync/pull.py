@@ -384,7 +384,7 @@ def pull(store: Store, connection: Connection, types: Iterable[str] | None = Non
                 pull_type(store, client, rtype, result, max_pages)
             except EhrError as e:
                 result.errors[rtype] = e.message
-                log.warning("sync %s: pull of %s stopped: %s", connection.name, rtype, e.message)
+                log.warning("sync %s: pull of %s stopped: %s", connection.name, rtype, e.loggable)  # not the EHR text (it may quote PHI)
     finally:
         if own:
             client.close()
