@@ -437,3 +437,26 @@ def test_a_drug_result_without_its_report_is_reported_as_such_not_as_foreign(tmp
     assert "as a result of a drug screen (DiagnosticReport.result)" in by_where["Observation/obs-bup"].message
     assert by_where["Observation/obs-hcv"].message.startswith("not an IOP concept")
     assert {p.severity for p in problems} == {"warning"}
+
+
+def test_resources_pulled_before_their_patient_are_pointed_at_our_client_when_it_is_linked(db_url, tmp_path):  # noqa: F811
+    store = Store(db_url)
+    try:
+        load(store, [CLINIC / "clients.csv"])
+        ctx = MappingContext()
+        ours = ctx.rid("client", "M100008")
+        with Sekmet(tmp_path / "sekmet") as ehr:
+            chart = ehr_chart(ctx.systems.mrn, "M100008")
+            ehr.transaction(chart[:4], method="PUT")  # the Patient, two Conditions, the referral
+            conn = parse({"connections": {"county": {"base_url": ehr.base_url, "resources": {
+                "ServiceRequest": "pull", "Condition": "pull", "Patient": "pull"}}}})["county"]  # Patient last
+            pulled = pull(store, conn)
+        assert pulled.ok, pulled.errors
+        with store.reading() as tx:
+            for rt, rid in (("ServiceRequest", "ref-1"), ("Condition", "cond-1"), ("Condition", "cond-2")):
+                res = tx.read(rt, local_id("county", rt, rid))
+                assert res.resource["subject"]["reference"] == f"Patient/{ours}", rt
+                assert res.version_id == 2  # created pointing at the EHR's Patient, then pointed at ours
+            assert tx.read("Patient", ours).version_id == 1
+    finally:
+        store.dispose()

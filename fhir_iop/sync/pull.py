@@ -55,8 +55,9 @@ What was stored before its Patient was linked still maps to the client: the reve
 (:mod:`fhir_iop.mapping.client`) resolves a linked Patient to the client it links to, reads it as one client
 record (the EHR's demographics fill the client's empty fields) and never as a second client — as it does
 for a pulled Patient carrying a client's MRN that was pulled before the client was loaded (no link yet).
-Resources already stored are not rewritten when a link appears later: the reverse mapping resolves
-their references through the link.
+Resources of the connection stored before the link appeared (another pull order, a bulk pull's
+files) are rewritten then (:func:`repoint_stored`); the reverse mapping resolves references through
+the link in any case.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fhir_iop.store.errors import Conflict, Gone, Invalid, NotFound
-from fhir_iop.store.models import sync_run, sync_state
+from fhir_iop.store.models import resource, search_reference, sync_run, sync_state
 from fhir_iop.store.params import RESOURCE_TYPES, split_reference
 from fhir_iop.store.repository import Store, Tx, now
 from fhir_iop.sync.client import EhrClient, EhrError
@@ -251,6 +252,23 @@ def point_at_clients(tx: Tx, node, cache: dict[str, str | None]) -> None:
             point_at_clients(tx, v, cache)
 
 
+def repoint_stored(tx: Tx, connection: Connection, pulled_pid: str, ours: str) -> int:
+    """Resources of this connection stored before their Patient was linked: point them at our client's
+    Patient (found through the store's reference index). Returns how many were rewritten."""
+    stmt = select(resource.c.type, resource.c.id).distinct().select_from(
+        search_reference.join(resource, resource.c.rid == search_reference.c.rid)).where(
+        search_reference.c.target_type == "Patient", search_reference.c.target_id == pulled_pid,
+        resource.c.deleted.is_(False), resource.c.type != "Patient")
+    n = 0
+    for rtype, rid in tx.conn.execute(stmt).all():
+        res = tx.read(rtype, rid).resource
+        if not str((res.get("meta") or {}).get("source", "")).startswith(connection.base_url + "/"):
+            continue  # not pulled over this connection: not ours to rewrite
+        point_at_clients(tx, {k: v for k, v in res.items() if k not in ("meta", "id")}, {pulled_pid: ours})
+        n += tx.update(rtype, rid, res).outcome != "unchanged"
+    return n
+
+
 def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], result: PullResult,
                 types: tuple[str, ...] | None = None) -> None:
     """Store pulled resources (localized, structure-validated) in ``tx``; invalid ones are counted."""
@@ -289,6 +307,10 @@ def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], resul
                         res.get("id"), len(getattr(e, "issues", None) or ()))
             continue
         result.add(rtype, written.outcome)
+        if rtype == "Patient" and links.get(local["id"]) and written.outcome != "unchanged":
+            if n := repoint_stored(tx, connection, local["id"], links[local["id"]]):
+                log.info("sync %s: %d resource(s) stored before Patient/%s was linked now point at the client",
+                         connection.name, n, local["id"])
 
 
 # -- incremental pull -------------------------------------------------------------------------------
