@@ -48,6 +48,9 @@ nothing after the last day is known yet. Sessions, doses and screens before ``st
 the extract (orders, plans and consents written earlier are, as current records).
 Datetimes carry the site's UTC offset (-05:00, or -04:00 once daylight saving time starts).
 
+Not generated: ``referrals.csv`` and ``outside_medications.csv`` in ``examples/clinic/`` are written by
+hand (records that come from referring providers' EHRs); a generated run leaves them out.
+
 Records are written as they are made (CSV through ``csv.writer``, or NDJSON through orjson): memory
 holds one small plan per enrollment (the group rosters), never sessions, attendance, doses, screens
 or plans.
