@@ -350,3 +350,19 @@ def test_migration_0004_downgrades_and_upgrades_again(db_url):  # noqa: F811
         assert tables <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_a_token_request_is_audited_with_the_client_it_went_to(secured_app):
+    from server_kit import token_for
+    cid, key = register(secured_app, scopes="system/Patient.rs")
+    assert ask(secured_app, cid, key, scope="system/Patient.read").status_code == 200
+    other, _ = register(secured_app)
+    assert ask(secured_app, other, keys.generate("ES384")).status_code == 401  # forged: refused, no client named
+    admin = token_for(secured_app, scopes="system/AuditEvent.rs", admin=True)
+    c = secured_app.test_client()
+    got = c.get(f"/AuditEvent?agent={cid}", headers={"Authorization": admin}).json
+    assert got["total"] == 1
+    event = got["entry"][0]["resource"]
+    assert event["outcome"] == "0" and any(a.get("who", {}).get("identifier", {}).get("value") == cid
+                                           for a in event["agent"])
+    assert c.get(f"/AuditEvent?agent={other}", headers={"Authorization": admin}).json["total"] == 0
