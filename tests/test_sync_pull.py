@@ -159,6 +159,20 @@ def test_incremental_pull_takes_new_and_changed_only(ehr, proxy, store):
         p0 = tx.read("Patient", local_id("county", "Patient", "pt0"))
         assert p0.resource["name"][0]["family"] == "Renamed" and p0.version_id == 2
         assert read_state(tx, "county", "Patient").cursor > cursor
+    # every write is audited, pulls too: one AuditEvent per stored page, naming what it wrote
+    audited = pulled_audit(store)
+    assert sum(len([e for e in ev["entity"] if e.get("role", {}).get("code") == "4"]) for ev in audited) == 12 + 3
+    assert all(any(a.get("who", {}).get("identifier", {}).get("value") == "sync:county" for a in ev["agent"])
+               for ev in audited)
+
+
+def pulled_audit(store: Store) -> list[dict]:
+    from sqlalchemy import select
+
+    from fhir_iop.store.models import resource
+    with store.reading() as tx:
+        bodies = tx.conn.execute(select(resource.c.body).where(resource.c.type == "AuditEvent")).scalars()
+        return [e for e in map(orjson.loads, bodies) if "pulled from EHR" in (e.get("outcomeDesc") or "")]
 
 
 def test_updates_during_offset_paging_do_not_hide_anything(ehr, proxy, store):

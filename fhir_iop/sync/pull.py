@@ -72,6 +72,7 @@ import orjson
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from fhir_iop.audit import patient_of
 from fhir_iop.store.errors import Conflict, Gone, Invalid, NotFound
 from fhir_iop.store.models import resource, search_reference, sync_run, sync_state
 from fhir_iop.store.params import RESOURCE_TYPES, split_reference
@@ -274,6 +275,7 @@ def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], resul
     """Store pulled resources (localized, structure-validated) in ``tx``; invalid ones are counted."""
     links: dict[str, str | None] = {}  # pulled Patient id -> our client's Patient id (None: not linked)
     ctx = None
+    written_refs: dict[str, str | None] = {}  # what this batch wrote -> its patient, for the audit
     for res in resources:
         rtype = res.get("resourceType")
         if not isinstance(rtype, str) or not res.get("id") or rtype not in RESOURCE_TYPES or (
@@ -307,10 +309,29 @@ def store_batch(tx: Tx, connection: Connection, resources: Iterable[dict], resul
                         res.get("id"), len(getattr(e, "issues", None) or ()))
             continue
         result.add(rtype, written.outcome)
+        if written.outcome != "unchanged":
+            written_refs[f"{rtype}/{local['id']}"] = patient_of(local)
         if rtype == "Patient" and links.get(local["id"]) and written.outcome != "unchanged":
             if n := repoint_stored(tx, connection, local["id"], links[local["id"]]):
                 log.info("sync %s: %d resource(s) stored before Patient/%s was linked now point at the client",
                          connection.name, n, local["id"])
+    audit_writes(tx, connection, written_refs)
+
+
+#: at most this many written resources are named in one AuditEvent (the count is always in its description)
+MAX_AUDITED = 1000
+
+
+def audit_writes(tx: Tx, connection: Connection, written: dict[str, str | None]) -> None:
+    """One AuditEvent per stored batch, in the batch's own transaction: every write is audited, pulls too."""
+    if not written:
+        return
+    from fhir_iop.audit import record
+    from fhir_iop.security.access import Access
+    refs = list(written)[:MAX_AUDITED]
+    record(tx, Access(client_id=connection.origin), "update", 0, entities=refs,
+           patients=sorted({p for p in (written[r] for r in refs) if p}),
+           description=f"{len(written)} resource(s) pulled from EHR connection {connection.name}")
 
 
 # -- incremental pull -------------------------------------------------------------------------------
