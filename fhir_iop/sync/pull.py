@@ -259,7 +259,8 @@ def repoint_stored(tx: Tx, connection: Connection, pulled_pid: str, ours: str) -
     stmt = select(resource.c.type, resource.c.id).distinct().select_from(
         search_reference.join(resource, resource.c.rid == search_reference.c.rid)).where(
         search_reference.c.target_type == "Patient", search_reference.c.target_id == pulled_pid,
-        resource.c.deleted.is_(False), resource.c.type != "Patient")
+        resource.c.deleted.is_(False), resource.c.type != "Patient",
+        resource.c.type.in_(RESOURCE_TYPES))  # not AuditEvents (append-only; they name the patient too)
     n = 0
     for rtype, rid in tx.conn.execute(stmt).all():
         res = tx.read(rtype, rid).resource
