@@ -200,6 +200,14 @@ class PullResult:
     def total(self, outcome: str | None = None) -> int:
         return sum(n for c in self.counts.values() for k, n in c.items() if outcome in (None, k))
 
+    def by_outcome(self) -> dict[str, int]:
+        """The counts summed over the resource types: outcome -> number."""
+        out: dict[str, int] = {}
+        for per_type in self.counts.values():
+            for k, n in per_type.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
     @property
     def ok(self) -> bool:
         return not self.errors

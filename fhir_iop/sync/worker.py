@@ -85,10 +85,7 @@ def pull_pass(store, connections: dict, bulk: bool = False, clients: dict | None
                 raise
             out.errors[name] = str(e)
             continue
-        c = Counter()
-        for per_type in result.counts.values():
-            c.update(per_type)
-        out.counts[name] = c
+        out.counts[name] = Counter(result.by_outcome())
         if result.errors:
             out.errors[name] = "; ".join(f"{t}: {m}" for t, m in result.errors.items())
     return out

@@ -88,11 +88,7 @@ def _push(conn, limit: int) -> list[dict]:
 def _pull(conn, pages: int) -> list[dict]:
     from fhir_iop.sync.pull import pull
     result = pull(state().store, conn, max_pages=pages)
-    counts: dict[str, int] = {}
-    for per_type in result.counts.values():
-        for k, n in per_type.items():
-            counts[k] = counts.get(k, 0) + n
-    return _parameters(counts, result.errors)
+    return _parameters(result.by_outcome(), result.errors)
 
 
 @bp.post("/sync/<name>/$push")
