@@ -129,6 +129,8 @@ def free_port() -> int:
 #: the Authorization header of a read-all client (set by ``authorize``): the facade's figures include
 #: checking its token and scopes on every request, as in production
 AUTH: dict = {}
+#: an administrator's header (AuditEvent search: the end of a timed round, see ``read_ratio``)
+ADMIN: dict = {}
 
 
 def authorize(app) -> None:
@@ -140,6 +142,10 @@ def authorize(app) -> None:
     clients.register(app.extensions["fhir_iop"].store, cid, scopes="system/*.read",
                      jwks=keys.jwks_of(keys.generate("ES384")))
     AUTH["Authorization"] = "Bearer " + app.extensions["fhir_iop_auth"].issue(cid, "system/*.read", lifetime=3600)
+    clients.register(app.extensions["fhir_iop"].store, cid + "-admin", scopes="system/AuditEvent.rs", admin=True,
+                     jwks=keys.jwks_of(keys.generate("ES384")))
+    ADMIN["Authorization"] = "Bearer " + app.extensions["fhir_iop_auth"].issue(cid + "-admin", "system/AuditEvent.rs",
+                                                                                lifetime=3600)
 
     class Client(FlaskClient):
         def __init__(self, *args, **kwargs):
@@ -149,7 +155,47 @@ def authorize(app) -> None:
     app.test_client_class = Client
 
 
-def read_ratio(app, pid: str, n: int) -> dict:
+class Gunicorn:
+    """A gunicorn (one sync worker, as documented) serving ``app_spec`` on a free loopback port."""
+
+    def __init__(self, app_spec: str, cwd: str, env: dict, probe: str):
+        import os
+        import subprocess
+
+        import requests
+        self.port = free_port()
+        exe = str(Path(sys.executable).parent / "gunicorn")
+        self.proc = subprocess.Popen([exe, "-w", "1", "-b", f"127.0.0.1:{self.port}", app_spec], cwd=cwd,
+                                     env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(self.url(probe), timeout=5, headers=AUTH).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gunicorn {app_spec} did not answer")
+            time.sleep(0.2)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def read_ratio(app, pid: str, n: int, rounds: int = 5, shipper: str = "external") -> dict:
+    """Reads per second, facade vs a bare Flask route returning the same bytes: in-process (WSGI
+    test client) and over HTTP (two gunicorns, one ``requests`` session each, ``rounds`` alternating
+    rounds of ``n // rounds`` reads, medians). A facade round ends with an administrator's AuditEvent
+    search, which answers only once every AuditEvent of the round is in the store (the facade drains
+    its audit spool first): storing the audit trail counts against the facade. ``shipper``: the
+    facade's ``AUDIT_SPOOL_SHIPPER``; ``external`` runs ``fhir-iop audit ship --loop`` beside it, as
+    docs/security.md has it for production."""
+    import requests
     body = app.test_client().get(f"/Patient/{pid}").data
     bare = Flask("bare")
 
@@ -167,49 +213,55 @@ def read_ratio(app, pid: str, n: int) -> dict:
             assert r.status_code == 200, (r.status_code, r.data[:400])
         return n / (time.perf_counter() - t)
 
-    def http_rate(app_spec: str, cwd: str, env: dict) -> float:
-        """Over HTTP on loopback: gunicorn (one sync worker, as documented) and one client."""
-        import os
-        import subprocess
-
-        import requests
-        port = free_port()
-        exe = str(Path(sys.executable).parent / "gunicorn")
-        proc = subprocess.Popen([exe, "-w", "1", "-b", f"127.0.0.1:{port}", app_spec], cwd=cwd,
-                                env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}/Patient/{pid}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if requests.get(url, timeout=5, headers=AUTH).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn {app_spec} did not answer")
-                time.sleep(0.2)
-            with requests.Session() as s:
-                s.headers.update(AUTH)
-                for _ in range(50):
-                    s.get(url)
-                started = time.perf_counter()
-                for _ in range(n // 2):
-                    assert s.get(url).status_code == 200
-                return (n // 2) / (time.perf_counter() - started)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
+    from server.audit_hook import drain
+    with app.app_context():
+        drain()
     facade, plain = rate(app), rate(bare)
+    per_round = max(50, n // rounds)
+    path = f"/Patient/{pid}"
     with tempfile.TemporaryDirectory(prefix="fhir-iop-bare-") as tmp:
         (Path(tmp) / "body.json").write_bytes(body)
         (Path(tmp) / "bare_app.py").write_text(BARE_APP, encoding="utf-8")
-        hb = http_rate("bare_app:app", tmp, {})
-    hf = http_rate("server:create_app()", str(Path(__file__).resolve().parents[1]),
-                   {"FHIR_IOP_DATABASE_URL": app.extensions["fhir_iop"].store.url})
+        import os
+        import subprocess
+        env = {"FHIR_IOP_DATABASE_URL": app.extensions["fhir_iop"].store.url,
+               "FHIR_IOP_AUDIT_SPOOL": str(Path(tmp) / "audit-spool"), "FHIR_IOP_AUDIT_SPOOL_SHIPPER": shipper}
+        ship = None
+        if shipper == "external":
+            ship = subprocess.Popen([str(Path(sys.executable).parent / "fhir-iop"), "audit", "ship", "--loop"],
+                                    env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+        servers = {"bare": Gunicorn("bare_app:app", tmp, {}, path),
+                   "facade": Gunicorn("server:create_app()", str(Path(__file__).resolve().parents[1]), env, path)}
+        rates: dict[str, list[float]] = {"bare": [], "facade": []}
+        audited = 0
+        try:
+            sessions = {k: requests.Session() for k in servers}
+            for k, s in sessions.items():
+                s.headers.update(AUTH)
+                for _ in range(50):
+                    assert s.get(servers[k].url(path)).status_code == 200
+            for _ in range(rounds):
+                for k in ("bare", "facade"):
+                    url, s = servers[k].url(path), sessions[k]
+                    started = time.perf_counter()
+                    for _ in range(per_round):
+                        assert s.get(url).status_code == 200
+                    if k == "facade":  # the round's AuditEvents, all in the store
+                        r = requests.get(servers[k].url("/AuditEvent?_summary=count&_total=accurate"), headers=ADMIN)
+                        assert r.status_code == 200, r.text[:300]
+                        audited = r.json()["total"]
+                    rates[k].append(per_round / (time.perf_counter() - started))
+        finally:
+            for server in servers.values():
+                server.stop()
+            if ship is not None:
+                ship.terminate()
+                ship.wait(timeout=30)
+        assert audited >= rounds * per_round, (audited, rounds * per_round)
+    hb, hf = statistics.median(rates["bare"]), statistics.median(rates["facade"])
     return {"facade_rps": facade, "bare_rps": plain, "ratio": facade / plain,
-            "http_facade_rps": hf, "http_bare_rps": hb, "http_ratio": hf / hb}
+            "http_facade_rps": hf, "http_bare_rps": hb, "http_ratio": hf / hb,
+            "http_rounds": rates, "http_shipper": shipper}
 
 
 def search_latency(app, n_patients: int, n: int = 200) -> dict:

@@ -409,6 +409,8 @@ from fhir_iop.security.cli import clients_group  # noqa: E402
 main.add_command(clients_group)
 from fhir_iop.sync.cli import sync_group  # noqa: E402
 main.add_command(sync_group)
+from fhir_iop.audit.cli import audit_group  # noqa: E402
+main.add_command(audit_group)
 
 if __name__ == "__main__":
     main()

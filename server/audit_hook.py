@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import ExitStack
 from urllib.parse import urlsplit
 
 import orjson
 from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
-from fhir_iop.audit import AUDIT_TYPE, Entity, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit import AUDIT_TYPE, Entity, build, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit.spool import Spool, spool_dir
 from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
 from fhir_iop.store import NotFound, search
@@ -114,6 +116,7 @@ def _search(params):
     if q.include or q.revinclude:  # an include would hand out resources past the Part 2 gate
         q.unknown.append(("_include/_revinclude", "_include and _revinclude are not supported on AuditEvent"))
         q.include, q.revinclude = [], []
+    drain()
     with s.store.reading() as tx:
         result = search.run(tx.conn, q, registry())
     return respond(bundles.searchset(base_url(), AUDIT_TYPE, q, result))
@@ -146,6 +149,7 @@ def audit_other(rest: str):
 def _read(rid: str):
     from server.app import state
     from server.formats import http_date, respond
+    drain()
     with state().store.reading() as tx:
         row = tx.conn.execute(select(resource.c.body, resource.c.last_updated)
                               .where(resource.c.type == AUDIT_TYPE, resource.c.id == rid)).first()
@@ -433,6 +437,38 @@ def _written_hook(tx, rid_pk, rt, rid, res) -> None:
         w["refs"][f"{rt}/{rid}"] = patient_of(res) if res else None
 
 
+def store_events(store, access, events: list[dict]) -> None:
+    """The request's AuditEvents: appended to the audit spool (``fhir_iop.audit.spool``), or, with
+    ``AUDIT_SPOOL=off``, written to the store in a transaction of their own. Raises when they
+    cannot be recorded."""
+    spool = current_spool()
+    if spool is None:
+        with store.transaction() as tx:
+            for ev in events:
+                resources = ev.pop("_resources", None)
+                if resources:
+                    ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
+                record(tx, access, **ev)
+        return
+    built = []
+    with ExitStack() as stack:
+        tx = None
+        for ev in events:
+            resources = ev.pop("_resources", None)
+            if resources and _needs_consents(access, resources):
+                tx = tx or stack.enter_context(store.reading())
+                ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
+            built.append(build(access, **ev))
+    spool.append(built)
+
+
+def _needs_consents(access, resources: dict) -> bool:
+    if access is None or access.recipient is None:
+        return False
+    from fhir_iop.disclosure import labelled
+    return any(r is not None and labelled(r) for r in resources.values())
+
+
 def audit_response(response):
     """The after-request hook: write the request's AuditEvent(s); a 500 if that fails."""
     if request.path in UNAUDITED or request.method == "OPTIONS":
@@ -450,12 +486,7 @@ def audit_response(response):
                        "subtypes": subtypes, "resource_type": rt, "network": request.remote_addr,
                        "server": request.url_root.rstrip("/"), "request_id": request_id(),
                        "description": f"HTTP {response.status_code}; the body could not be read for the audit"}]
-        with state().store.transaction() as tx:
-            for ev in events:
-                resources = ev.pop("_resources", None)
-                if resources:
-                    ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
-                record(tx, access, **ev)
+        store_events(state().store, access, events)
     except Exception as e:
         log.error("audit failed for request %s (%s %s, status %s): %s", g.get("audit_request_id"), request.method,
                   request.url_rule.rule if request.url_rule else "?", response.status_code, type(e).__name__)
@@ -495,6 +526,35 @@ def init_app(app: Flask) -> None:
         WRITE_HOOKS.append(_written_hook)
     app.register_blueprint(bp)
     app.after_request(audit_response)
+    store = app.extensions["fhir_iop"].store
+    directory = spool_dir(app.config.get("AUDIT_SPOOL", "auto"), store.url)
+    if directory is not None:
+        spool = Spool(store, directory, interval=float(app.config.get("AUDIT_SPOOL_INTERVAL", 0.5)),
+                      fsync=_flag(app.config.get("AUDIT_SPOOL_FSYNC", False)),
+                      shipper=str(app.config.get("AUDIT_SPOOL_SHIPPER", "thread")))
+        app.extensions[SPOOL] = spool
+        store.on_dispose.append(spool.close)
 
 
-__all__ = ["audit_response", "bp", "capability", "classify", "events_for", "init_app", "request_id"]
+# -- the audit spool ----------------------------------------------------------------------------------
+
+SPOOL = "fhir_iop_audit_spool"
+
+
+def _flag(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def current_spool() -> Spool | None:
+    return current_app.extensions.get(SPOOL)
+
+
+def drain() -> None:
+    """Ship this process's spooled AuditEvents into the store (before AuditEvents are searched)."""
+    spool = current_spool()
+    if spool is not None:
+        spool.drain()
+
+
+__all__ = ["audit_response", "bp", "capability", "classify", "drain", "events_for", "init_app", "request_id",
+           "store_events"]

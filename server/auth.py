@@ -77,7 +77,7 @@ def init_app(app: Flask) -> None:
         store, key_file=cfg.get("SIGNING_KEY_FILE"), alg=cfg.get("SIGNING_ALG") or "ES256",
         issuer=cfg.get("TOKEN_ISSUER") or "fhir-iop", lifetime=int(cfg.get("TOKEN_LIFETIME") or 300),
         jwks_url=cfg.get("AUTH_JWKS_URL"), external_issuer=cfg.get("AUTH_ISSUER"),
-        external_audience=cfg.get("AUTH_AUDIENCE"))
+        external_audience=cfg.get("AUTH_AUDIENCE"), client_ttl=float(cfg.get("CLIENT_CACHE_SECONDS", 2)))
     app.before_request(authorize_request)
 
 

@@ -33,7 +33,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
 import orjson
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from fhir_iop.fhir import r4
@@ -46,7 +46,20 @@ CONTENT_TYPE = {"json": "application/fhir+json; charset=utf-8", "xml": "applicat
 
 
 def negotiate() -> str | None:
-    """``json`` or ``xml`` as asked for by ``_format`` / ``Accept``; None when nothing we produce is acceptable."""
+    """``json`` or ``xml`` as asked for by ``_format`` / ``Accept``; None when nothing we produce is acceptable
+    (worked out once per request)."""
+    cached = g.get("fhir_iop_format", False)
+    if cached is not False:
+        return cached
+    g.fhir_iop_format = found = _negotiate()
+    return found
+
+
+#: Accept values that settle on JSON at once (what most clients send)
+_ANY = ("", "*/*", "application/fhir+json", "application/json", "application/fhir+json, */*", "*/*;q=0.8")
+
+
+def _negotiate() -> str | None:
     fmt = request.args.get("_format")
     if fmt:
         f = fmt.split(";")[0].strip().lower().replace(" ", "+")  # an unescaped + arrives as a space
@@ -57,7 +70,7 @@ def negotiate() -> str | None:
         if f in XML_TYPES:
             return "xml"
         return None
-    if "Accept" not in request.headers or not request.headers["Accept"].strip():
+    if request.headers.get("Accept", "").strip() in _ANY:
         return "json"
     best = request.accept_mimetypes.best_match(JSON_TYPES + XML_TYPES)
     if best is None:

@@ -214,17 +214,51 @@ def test_transaction_entries_are_audited_one_by_one(api):
     assert f"Patient/{pid}" in refs(search, "4")
 
 
-def test_an_audit_that_cannot_be_written_fails_the_read(api, monkeypatch):
+def test_an_audit_that_cannot_be_spooled_fails_the_read(api, monkeypatch):
+    """The audit spool's append fails (the disk is full): 500, nothing disclosed, nothing half-written."""
+    import errno
+
+    import fhir_iop.audit.spool as spool_module
     client, writer, admin = api
     h = {"Authorization": writer}
     pid = client.post("/Patient", json=ALICE, headers=h).get_json()["id"]
+    real_write = spool_module.os.write
 
-    def broken(*a, **k):
-        raise RuntimeError("disk full")
-    monkeypatch.setattr("server.audit_hook.record", broken)
+    def full_disk(fd, data):
+        real_write(fd, bytes(data)[:7])  # a part reaches the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(spool_module.os, "write", full_disk)
     r = client.get(f"/Patient/{pid}", headers=h)
+    monkeypatch.undo()
     assert r.status_code == 500 and r.get_json()["resourceType"] == "OperationOutcome"
     assert b"Quillfeather" not in r.data and "nothing was disclosed" in r.get_json()["issue"][0]["diagnostics"]
+    # the torn part was cut back: the next request's AuditEvent and the earlier ones ship intact
+    assert client.get(f"/Patient/{pid}", headers=h).status_code == 200
+    reads = [e for e in events(client, admin, f"entity=Patient/{pid}") if e["action"] == "R"]
+    assert [e["outcome"] for e in reads] == ["0"]
+
+
+def test_an_audit_that_cannot_be_written_fails_the_read_without_spool(db_url, monkeypatch):  # noqa: F811
+    """``AUDIT_SPOOL=off``: each AuditEvent goes into the store before the response; failing, a 500."""
+    from server import create_app
+    app = create_app({"DATABASE_URL": db_url, "TESTING": True, "AUDIT_SPOOL": "off"})
+    try:
+        assert "fhir_iop_audit_spool" not in app.extensions
+        writer = token_for(app, scopes="system/Patient.cruds", purpose="TREAT")
+        admin = token_for(app, scopes="system/AuditEvent.rs", admin=True)
+        client = app.test_client()
+        pid = client.post("/Patient", json=ALICE, headers={"Authorization": writer}).get_json()["id"]
+        assert len(trail(app, f"entity=Patient/{pid}")) == 1  # in the store already, no drain
+
+        def broken(*a, **k):
+            raise RuntimeError("disk full")
+        monkeypatch.setattr("server.audit_hook.record", broken)
+        r = client.get(f"/Patient/{pid}", headers={"Authorization": writer})
+        assert r.status_code == 500 and b"Quillfeather" not in r.data
+        monkeypatch.undo()
+        assert [e["action"] for e in events(client, admin, f"entity=Patient/{pid}")] == ["C"]
+    finally:
+        app.extensions["fhir_iop"].store.dispose()
 
 
 def test_record_in_the_callers_transaction_rolls_back_with_it(secured_app):
@@ -247,11 +281,15 @@ def test_record_in_the_callers_transaction_rolls_back_with_it(secured_app):
 # -- Part 2: the Consent that allowed each disclosure, emergencies ------------------------------------
 
 def trail(app, query: str) -> list[dict]:
-    """AuditEvents found by an admin search, straight from the store (the app's callers are not admins)."""
+    """AuditEvents found by an admin search, straight from the store (the app's callers are not admins),
+    once the app's audit spool is drained."""
     import orjson
 
     from fhir_iop.audit import registry
     from fhir_iop.store import search
+    spool = app.extensions.get("fhir_iop_audit_spool")
+    if spool is not None:
+        spool.drain()
     q = search.parse(registry(), "AuditEvent", parse_qsl(query))
     with app.extensions["fhir_iop"].store.reading() as tx:
         return [orjson.loads(body) for _, _, body in search.run(tx.conn, q, registry()).matches]

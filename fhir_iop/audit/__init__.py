@@ -397,57 +397,87 @@ def index_rows(event: dict, fast: bool = True) -> dict[str, list[dict]]:
 
 
 #: the statements, built once (SQLAlchemy's compiled cache then serves every request)
-_INSERT = insert(resource)
 _INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
-
-
-#: PostgreSQL: the row and all its index rows in ONE statement (one round trip instead of one per row;
-#: the index rows travel as JSON arrays). Table names are unqualified: the connection's search_path.
-_PG_WRITE = text("""
-WITH r AS (
-  INSERT INTO resource (type, id, version_id, last_updated, deleted, body)
-  VALUES ('AuditEvent', :id, 1, :when, false, :body) RETURNING rid
-), t AS (
-  INSERT INTO search_token (rid, type, param, system, code)
-  SELECT r.rid, 'AuditEvent', x.param, x.system, x.code
-  FROM r, json_to_recordset(CAST(:token AS json)) AS x(param text, system text, code text)
-), s AS (
-  INSERT INTO search_string (rid, type, param, value)
-  SELECT r.rid, 'AuditEvent', x.param, x.value
-  FROM r, json_to_recordset(CAST(:string AS json)) AS x(param text, value text)
-), d AS (
-  INSERT INTO search_date (rid, type, param, low, high)
-  SELECT r.rid, 'AuditEvent', x.param, x.low, x.high
-  FROM r, json_to_recordset(CAST(:date AS json)) AS x(param text, low timestamp, high timestamp)
-), f AS (
-  INSERT INTO search_reference (rid, type, param, target_type, target_id, url)
-  SELECT r.rid, 'AuditEvent', x.param, x.target_type, x.target_id, x.url
-  FROM r, json_to_recordset(CAST(:reference AS json)) AS x(param text, target_type text, target_id text, url text)
-), q AS (
-  INSERT INTO search_quantity (rid, type, param, value, system, code)
-  SELECT r.rid, 'AuditEvent', x.param, x.value, x.system, x.code
-  FROM r, json_to_recordset(CAST(:quantity AS json)) AS x(param text, value float8, system text, code text)
-)
-SELECT rid FROM r""")
 
 
 def write(conn, event: dict) -> str:
     """Appends ``event`` (an AuditEvent dict with an id) with its index rows on ``conn``."""
-    when = datetime.strptime(event["recorded"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    body = dict(event)
-    body["meta"] = {"versionId": "1", "lastUpdated": event["recorded"]}
-    if conn.dialect.name == "postgresql":
-        rows = index_rows(event)
-        conn.execute(_PG_WRITE, {"id": event["id"], "when": when, "body": orjson.dumps(body).decode(),
-                                 **{k: orjson.dumps(rows.get(k, [])).decode()
-                                    for k in ("token", "string", "date", "reference", "quantity")}}).scalar_one()
-        return event["id"]
-    pk = conn.execute(_INSERT, {"type": AUDIT_TYPE, "id": event["id"], "version_id": 1, "last_updated": when,
-                                "deleted": False, "body": orjson.dumps(body).decode()}).inserted_primary_key[0]
-    for kind, rows in index_rows(event).items():
-        if rows:
-            conn.execute(_INSERT_INDEX[kind], [{"rid": pk, "type": AUDIT_TYPE, **r} for r in rows])
+    write_many(conn, [event])
     return event["id"]
+
+
+def write_many(conn, events: list[dict]) -> None:
+    """Appends AuditEvents (dicts with ids) with their index rows on ``conn``: one multi-row INSERT
+    for the resources and one per index table, whatever their number (the audit spool ships this way)."""
+    if not events:
+        return
+    rows = []
+    for event in events:
+        when = datetime.strptime(event["recorded"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        body = dict(event)
+        body["meta"] = {"versionId": "1", "lastUpdated": event["recorded"]}
+        rows.append({"type": AUDIT_TYPE, "id": event["id"], "version_id": 1, "last_updated": when, "deleted": False,
+                     "body": orjson.dumps(body).decode()})
+    if conn.dialect.name == "postgresql":
+        index = {k: [] for k in ("token", "string", "date", "reference", "quantity")}
+        for event in events:
+            for kind, found in index_rows(event).items():
+                index[kind].extend({"eid": event["id"], **r} for r in found)
+        conn.execute(_PG_WRITE_MANY, {"rows": orjson.dumps(rows, default=_iso).decode(),
+                                      **{k: orjson.dumps(v).decode() for k, v in index.items()}})
+        return
+    pks = conn.execute(_INSERT_MANY, rows).scalars().all()
+    per_kind: dict[str, list[dict]] = {}
+    for pk, event in zip(pks, events, strict=True):
+        for kind, index in index_rows(event).items():
+            per_kind.setdefault(kind, []).extend({"rid": pk, "type": AUDIT_TYPE, **r} for r in index)
+    for kind, index in per_kind.items():
+        if index:
+            conn.execute(_INSERT_INDEX[kind], index)
+
+
+_INSERT_MANY = insert(resource).returning(resource.c.rid, sort_by_parameter_order=True)
+
+
+def _iso(value):
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError
+
+
+#: PostgreSQL: a batch of AuditEvents and all their index rows in ONE statement (the rows travel as
+#: JSON arrays; each index row names its event's id, joined to the inserted row's rid)
+_PG_WRITE_MANY = text("""
+WITH r AS (
+  INSERT INTO resource (type, id, version_id, last_updated, deleted, body)
+  SELECT 'AuditEvent', x.id, 1, x.last_updated, false, x.body
+  FROM json_to_recordset(CAST(:rows AS json)) AS x(id text, last_updated timestamp, body text)
+  RETURNING rid, id
+), t AS (
+  INSERT INTO search_token (rid, type, param, system, code)
+  SELECT r.rid, 'AuditEvent', x.param, x.system, x.code
+  FROM json_to_recordset(CAST(:token AS json)) AS x(eid text, param text, system text, code text) JOIN r ON r.id = x.eid
+), s AS (
+  INSERT INTO search_string (rid, type, param, value)
+  SELECT r.rid, 'AuditEvent', x.param, x.value
+  FROM json_to_recordset(CAST(:string AS json)) AS x(eid text, param text, value text) JOIN r ON r.id = x.eid
+), d AS (
+  INSERT INTO search_date (rid, type, param, low, high)
+  SELECT r.rid, 'AuditEvent', x.param, x.low, x.high
+  FROM json_to_recordset(CAST(:date AS json)) AS x(eid text, param text, low timestamp, high timestamp)
+  JOIN r ON r.id = x.eid
+), f AS (
+  INSERT INTO search_reference (rid, type, param, target_type, target_id, url)
+  SELECT r.rid, 'AuditEvent', x.param, x.target_type, x.target_id, x.url
+  FROM json_to_recordset(CAST(:reference AS json)) AS x(eid text, param text, target_type text, target_id text,
+                                                          url text) JOIN r ON r.id = x.eid
+), q AS (
+  INSERT INTO search_quantity (rid, type, param, value, system, code)
+  SELECT r.rid, 'AuditEvent', x.param, x.value, x.system, x.code
+  FROM json_to_recordset(CAST(:quantity AS json)) AS x(eid text, param text, value float8, system text, code text)
+  JOIN r ON r.id = x.eid
+)
+SELECT count(*) FROM r""")
 
 
 def record(store_or_tx, access: Access | None, action: str, outcome: int = 0, entities: Iterable = (),

@@ -117,11 +117,26 @@ def register(store, name: str, *, scopes: str, jwks: dict | None = None, jwks_ur
                 conn.execute(insert(smart_client).values(values))
             except IntegrityError:
                 raise ClientError(f"a client named {name!r} is already registered") from None
+    _changed()
     return get(store, values["client_id"])
 
 
+#: bumped by every registration change made in this process (``register``, ``disable``): token checks
+#: (``tokens.Authority.verify``) forget what they remembered of any client at once
+_generation = 0
+
+
+def generation() -> int:
+    return _generation
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+
+
 def get(store, client_id: str) -> Client | None:
-    """The registration, read on every request (so disabling a client takes effect at once):
+    """The registration (token checks remember it briefly: ``tokens.Authority.client_ttl``):
     one statement on the store's autocommit reader, no BEGIN/ROLLBACK around it."""
     with store.reading() as tx:
         conn = tx.conn
@@ -150,6 +165,7 @@ def disable(store, name_or_id: str) -> Client:
     with store.engine.begin() as conn:
         conn.execute(update(smart_client).where(smart_client.c.client_id == c.client_id,
                                                 smart_client.c.disabled.is_(None)).values(disabled=now()))
+    _changed()
     return get(store, c.client_id)
 
 

@@ -15,8 +15,11 @@ the client cannot be authenticated; ``invalid_request``, ``unsupported_grant_typ
 Access tokens are JWTs signed by the server's own key (``keys.ServerKeys``), with ``iss`` = ``aud``
 = the configured issuer (``TOKEN_ISSUER``, default ``fhir-iop``), ``sub`` = ``client_id``,
 ``scope``, ``iat``, ``exp`` (``TOKEN_LIFETIME`` seconds, default 300) and ``jti``. What the client
-acts for (recipient, purpose, emergency permission, admin) is not in the token: it is read from the
-registration on each request, so disabling or narrowing a client takes effect at once.
+acts for (recipient, purpose, emergency permission, admin) is not in the token: it comes from the
+registration, which a server process remembers for at most ``client_ttl`` seconds
+(``CLIENT_CACHE_SECONDS``, default 2; 0 reads it on every request). Disabling or narrowing a client
+takes effect at once in the process that did it (``clients.generation``) and within ``client_ttl``
+seconds everywhere else.
 
 An external authorization server can issue tokens too (``AUTH_JWKS_URL``, ``AUTH_ISSUER``,
 ``AUTH_AUDIENCE``): a token whose ``iss`` is ``AUTH_ISSUER`` is verified against that JWKS (and its
@@ -75,8 +78,12 @@ class Authority:
 
     def __init__(self, store, *, key_file: str | None = None, alg: str = "ES256", issuer: str = "fhir-iop",
                  lifetime: int = 300, jwks_url: str | None = None, external_issuer: str | None = None,
-                 external_audience: str | None = None):
+                 external_audience: str | None = None, client_ttl: float = 2.0):
         self.store, self.issuer, self.lifetime = store, issuer, int(lifetime)
+        self.client_ttl = float(client_ttl)
+        #: token → (registry generation, monotonic deadline, Verified): the registration and the granted
+        #: scopes of a token seen within client_ttl seconds
+        self._verified: OrderedDict[str, tuple[int, float, Verified]] = OrderedDict()
         self.keys = ServerKeys(store, key_file, alg)
         self.jwks_url, self.external_issuer, self.external_audience = jwks_url, external_issuer, external_audience
         self._jwk_clients: dict[str, jwt.PyJWKClient] = {}
@@ -199,11 +206,16 @@ class Authority:
 
     def verify(self, token: str) -> Verified:
         """The registered client and granted scopes of a bearer token, or InvalidToken. The signature
-        check is remembered until the token expires; the client's registration is read every time."""
+        check is remembered until the token expires; the client's registration for ``client_ttl``
+        seconds (and until a registration changes in this process)."""
         with self._checked_lock:
             hit = self._checked.get(token)
+            known = self._verified.get(token) if hit is not None else None
         if hit is not None and hit[0]["exp"] + LEEWAY < time.time():
             raise InvalidToken("the bearer token has expired")
+        generation = registry.generation()
+        if known is not None and known[0] == generation and known[1] > time.monotonic():
+            return known[2]
         claims, client_id, scope = hit if hit is not None else self._check_signature(token)
         if not isinstance(client_id, str) or not client_id:
             raise InvalidToken("the bearer token names no client")
@@ -213,7 +225,14 @@ class Authority:
         if isinstance(scope, list):
             scope = " ".join(str(s) for s in scope)
         granted = smart_scopes.ScopeSet(scope if isinstance(scope, str) else "", limit=client.scope_set)
-        return Verified(client, granted, claims)
+        verified = Verified(client, granted, claims)
+        if self.client_ttl > 0:
+            with self._checked_lock:
+                if token in self._checked:  # (only tokens with an expiry are remembered)
+                    self._verified[token] = (generation, time.monotonic() + self.client_ttl, verified)
+                    while len(self._verified) > CHECKED_TOKENS:
+                        self._verified.popitem(last=False)
+        return verified
 
     def _check_signature(self, token: str) -> tuple[dict, object, object]:
         try:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import orjson
@@ -113,16 +114,42 @@ _CURRENT = select(resource).where(resource.c.type == bindparam("t"), resource.c.
 _CURRENT_LOCKED = _CURRENT.with_for_update()
 
 
+class CurrentRow(NamedTuple):
+    """The current row of a resource, as :meth:`Tx._current` reads it."""
+    rid: int
+    version_id: int
+    last_updated: datetime
+    deleted: bool
+    body: str | None
+
+
+#: the read of one current resource, the facade's hottest statement, sent on the DBAPI cursor of the
+#: SQLAlchemy connection (SQLAlchemy's documented "working with the DBAPI cursor directly"): the same
+#: statement as ``_CURRENT``, without the per-statement execution and result machinery
+#: (tests/test_store.py compares both); the driver's own parameter style
+_CURRENT_SQL = {
+    "sqlite": "SELECT rid, version_id, last_updated, deleted, body FROM resource WHERE type = ? AND id = ?",
+    "postgresql": "SELECT rid, version_id, last_updated, deleted, body FROM resource WHERE type = %s AND id = %s",
+}
+
+
 class Store:
     def __init__(self, url: str, registry: Registry | None = None, migrate: bool = True, **engine_kwargs):
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
-        self._reader = autocommit(self.engine)
+        self._reader = autocommit(self.engine, **engine_kwargs)
         self.registry = registry or load_registry()
+        #: called (in order) by ``dispose`` before the engine goes: what still has to reach the store
+        #: (the facade's audit spool) gets there first
+        self.on_dispose: list = []
         if migrate:
             upgrade(self.engine)
 
     def dispose(self) -> None:
+        while self.on_dispose:
+            self.on_dispose.pop(0)()
+        if self.engine.dialect.name != "sqlite":  # the readers' own pool (engine.autocommit)
+            self._reader.dispose()
         self.engine.dispose()
 
     @contextmanager
@@ -167,7 +194,21 @@ class Tx:
         return g.visible_clause(table)
 
     def _current(self, rt: str, rid: str, lock: bool = False):
-        return self.conn.execute(_CURRENT_LOCKED if lock else _CURRENT, {"t": rt, "i": rid}).first()
+        sql = None if lock else _CURRENT_SQL.get(self.conn.dialect.name)
+        if sql is None:
+            return self.conn.execute(_CURRENT_LOCKED if lock else _CURRENT, {"t": rt, "i": rid}).first()
+        cur = self.conn.connection.dbapi_connection.cursor()
+        try:
+            cur.execute(sql, (rt, rid))
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row is None:
+            return None
+        pk, vid, when, deleted, body = row
+        if isinstance(when, str):  # SQLite: SQLAlchemy's DateTime storage format, ISO 8601 with a space
+            when = datetime.fromisoformat(when)
+        return CurrentRow(pk, vid, when, bool(deleted), body)
 
     def _current_visible(self, rt: str, rid: str):
         """The current row if the gate lets this transaction see it (None: missing or withheld)."""
