@@ -271,3 +271,46 @@ def test_a_client_disabled_by_another_process_is_refused_within_the_cache_time(d
         assert r.status_code == 401 and "disabled" in r.get_json()["issue"][0]["diagnostics"]
     finally:
         app.extensions["fhir_iop"].store.dispose()
+
+
+def test_batched_writes_store_the_rows_sqlalchemy_core_stores(store):
+    """``write_many`` (SQLite: on the DBAPI cursor; PostgreSQL: one JSON statement) stores exactly what
+    SQLAlchemy Core inserts store: the resource row and every index row, byte for byte as the database
+    holds them (dates in SQLAlchemy's storage format), and a date search finds both."""
+    from datetime import datetime
+
+    from sqlalchemy import insert, text
+
+    from fhir_iop.audit import AUDIT_TYPE, index_rows, write_many
+    from fhir_iop.store.models import INDEX_TABLES
+    fast = {**an_event(1), "recorded": "2026-12-05T10:00:00.000Z"}  # a whole second: microseconds kept as 0
+    core = {**fast, "id": str(uuid.uuid4())}
+    with store.transaction() as tx:
+        write_many(tx.conn, [fast])
+        when = datetime.strptime(core["recorded"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {**core, "meta": {"versionId": "1", "lastUpdated": core["recorded"]}}
+        pk = tx.conn.execute(insert(resource).values(type=AUDIT_TYPE, id=core["id"], version_id=1, last_updated=when,
+                                                     deleted=False, body=orjson.dumps(body).decode())
+                             ).inserted_primary_key[0]
+        for kind, rows in index_rows(core).items():
+            if rows:
+                tx.conn.execute(insert(INDEX_TABLES[kind]), [{"rid": pk, "type": AUDIT_TYPE, **r} for r in rows])
+    with store.reading() as tx:
+        raw = {i: tx.conn.execute(text("SELECT rid, type, version_id, last_updated, deleted FROM resource "
+                                       "WHERE id = :i"), {"i": i}).one() for i in (fast["id"], core["id"])}
+        assert tuple(raw[fast["id"]])[1:] == tuple(raw[core["id"]])[1:]
+        for table in {t.name: t for t in INDEX_TABLES.values()}.values():
+            def rows_of(rid):
+                return sorted((tuple(str(v) for v in r[1:]) for r in tx.conn.execute(
+                    text(f"SELECT * FROM {table.name} WHERE rid = :r"), {"r": rid})))
+            assert rows_of(raw[fast["id"]].rid) == rows_of(raw[core["id"]].rid), table.name
+            assert rows_of(raw[fast["id"]].rid) or table.name == "search_quantity"
+    from urllib.parse import parse_qsl
+
+    from fhir_iop.audit import registry
+    from fhir_iop.store import search
+    for query in ("date=ge2026-12-05T09:59:59Z&date=le2026-12-05T10:00:00Z", "date=2026-12-05"):
+        q = search.parse(registry(), AUDIT_TYPE, parse_qsl(query))
+        with store.reading() as tx:
+            found = {orjson.loads(b)["id"] for _, _, b in search.run(tx.conn, q, registry()).matches}
+        assert found == {fast["id"], core["id"]}, query

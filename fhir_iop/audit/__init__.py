@@ -426,6 +426,9 @@ def write_many(conn, events: list[dict]) -> None:
         conn.execute(_PG_WRITE_MANY, {"rows": orjson.dumps(rows, default=_iso).decode(),
                                       **{k: orjson.dumps(v).decode() for k, v in index.items()}})
         return
+    if conn.dialect.name == "sqlite":
+        _sqlite_write_many(conn, rows, events)
+        return
     pks = conn.execute(_INSERT_MANY, rows).scalars().all()
     per_kind: dict[str, list[dict]] = {}
     for pk, event in zip(pks, events, strict=True):
@@ -437,6 +440,57 @@ def write_many(conn, events: list[dict]) -> None:
 
 
 _INSERT_MANY = insert(resource).returning(resource.c.rid, sort_by_parameter_order=True)
+
+
+def _sqlite_write_many(conn, rows: list[dict], events: list[dict]) -> None:
+    """SQLite: the same rows on the DBAPI cursor of ``conn`` (in its transaction), without
+    SQLAlchemy's per-row parameter processing, which costs more than the inserts here; values go in
+    through the columns' own SQLAlchemy bind processors (the DateTime storage format), and the
+    statements are compiled by SQLAlchemy from the tables (tests/test_audit_spool.py compares the
+    rows with those of SQLAlchemy Core inserts)."""
+    dialect = conn.dialect
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        sql, procs = _sqlite_statement(dialect, resource, ("type", "id", "version_id", "last_updated", "deleted",
+                                                           "body"))
+        pks = []
+        for row in rows:
+            cur.execute(sql, _values(procs, row))
+            pks.append(cur.lastrowid)
+        per_kind: dict[str, list[tuple]] = {}
+        for pk, event in zip(pks, events, strict=True):
+            for kind, found in index_rows(event).items():
+                if not found:
+                    continue
+                table = INDEX_TABLES[kind]
+                isql, iprocs = _sqlite_statement(dialect, table, tuple(c.name for c in table.columns))
+                head, tail = (pk, AUDIT_TYPE), iprocs[2:]  # (rid, type, then the row's own columns)
+                per_kind.setdefault(isql, []).extend(head + _values(tail, r) for r in found)
+        for isql, values in per_kind.items():
+            cur.executemany(isql, values)
+    finally:
+        cur.close()
+
+
+_SQLITE_STATEMENTS: dict = {}
+
+
+def _sqlite_statement(dialect, table, names: tuple[str, ...]):
+    key = (table.name, names)
+    if key not in _SQLITE_STATEMENTS:
+        compiled = insert(table).values({n: None for n in names}).compile(dialect=dialect)
+        order = compiled.positiontup
+        procs = [(n, table.c[n].type.dialect_impl(dialect).bind_processor(dialect)) for n in order]
+        _SQLITE_STATEMENTS[key] = (str(compiled), procs)
+    return _SQLITE_STATEMENTS[key]
+
+
+def _values(procs, row: dict) -> tuple:
+    out = []
+    for name, proc in procs:
+        v = row.get(name)
+        out.append(proc(v) if proc is not None and v is not None else v)
+    return tuple(out)
 
 
 def _iso(value):
