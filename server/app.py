@@ -10,7 +10,11 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
 - ``MAPPINGS``: site mappings directory for ``$load-iop`` (as ``--mappings`` on the command line)
 - authorization (``server/auth.py``): ``INSECURE_NO_AUTH`` (development only, default false),
   ``SIGNING_KEY_FILE``/``SIGNING_ALG``, ``TOKEN_ISSUER``, ``TOKEN_LIFETIME``, ``TOKEN_URL``,
-  ``AUTH_JWKS_URL``/``AUTH_ISSUER``/``AUTH_AUDIENCE`` (an external authorization server)
+  ``AUTH_JWKS_URL``/``AUTH_ISSUER``/``AUTH_AUDIENCE`` (an external authorization server),
+  ``CLIENT_CACHE_SECONDS`` (how long a process remembers a client's registration, default 2)
+- audit (``server/audit_hook.py``, ``fhir_iop/audit/spool.py``; docs/security.md): ``AUDIT_SPOOL``
+  (``auto``, ``off`` or a directory), ``AUDIT_SPOOL_SHIPPER`` (``thread`` or ``external``),
+  ``AUDIT_SPOOL_INTERVAL`` (seconds, 0.5), ``AUDIT_SPOOL_FSYNC`` (false)
 """
 
 from __future__ import annotations

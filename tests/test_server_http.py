@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 import requests
 from fhirpy import SyncFHIRClient
@@ -174,3 +175,76 @@ def test_serve_demo_loads_the_clinic_and_serves_it(tmp_path):
     out = proc.stdout.read().decode()
     assert f"http://127.0.0.1:{port}/" in out and "curl" in out
     assert "clients token demo --key var/demo-client.pem" in out and 'Authorization: Bearer $TOKEN' in out
+
+
+@pytest.mark.skipif(shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None,
+                    reason="gunicorn is not installed in this environment")
+def test_every_answered_request_is_audited_once_across_workers_a_kill_and_an_external_shipper(tmp_path):
+    """The production layout of docs/security.md: gunicorn workers spool, ``fhir-iop audit ship --loop``
+    ships. A worker is SIGKILLed mid-run (gunicorn starts another); the shipper is stopped and started
+    again. Every request that got an answer has exactly one AuditEvent (by its X-Request-Id)."""
+    import signal
+    import time
+
+    from sqlalchemy import select
+
+    from fhir_iop.security import clients, keys, tokens
+    from fhir_iop.store import Store
+    from fhir_iop.store.models import resource
+    port = free_port()
+    url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    store = Store(url)
+    clients.register(store, "ops", scopes="system/Patient.cruds", jwks=keys.jwks_of(keys.generate("ES384")))
+    auth = {"Authorization": "Bearer " + tokens.issue("ops", "system/Patient.cruds", store=store)}
+    spool = tmp_path / "spool"
+    env = {**os.environ, "FHIR_IOP_DATABASE_URL": url, "FHIR_IOP_AUDIT_SPOOL": str(spool),
+           "FHIR_IOP_AUDIT_SPOOL_SHIPPER": "external", "FHIR_IOP_AUDIT_SPOOL_INTERVAL": "0.1"}
+    exe = Path(sys.executable).parent
+    ship_cmd = [str(exe / "fhir-iop"), "audit", "ship", "--loop", "--interval", "0.1"]
+    proc = subprocess.Popen([str(exe / "gunicorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}",
+                             "server:create_app()"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    shipper = subprocess.Popen(ship_cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    answered: list[str] = []
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/metadata", proc)
+        base = f"http://127.0.0.1:{port}"
+        pid = requests.post(f"{base}/Patient", json={"resourceType": "Patient", "gender": "other"}, headers=auth,
+                            timeout=10)
+        answered.append(pid.headers["X-Request-Id"])
+        loc = pid.headers["Location"]
+        for i in range(240):
+            if i == 80:  # kill a worker (its spool segment is open, with lines in it)
+                workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                os.kill(int(workers[0]), signal.SIGKILL)
+            if i == 160:  # the shipper goes away and comes back
+                shipper.terminate()
+                shipper.wait(timeout=30)
+                shipper = subprocess.Popen(ship_cmd, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+            try:
+                r = requests.get(loc, headers={**auth, "X-Request-Id": f"req-{i}"}, timeout=10)
+            except requests.ConnectionError:
+                continue  # the killed worker's connection: no answer, nothing disclosed
+            if r.status_code == 200:
+                answered.append(r.headers["X-Request-Id"])
+        assert len(answered) > 200
+        deadline = time.monotonic() + 60
+        while True:
+            with store.reading() as tx:
+                bodies = [orjson.loads(b) for b in tx.conn.execute(
+                    select(resource.c.body).where(resource.c.type == "AuditEvent")).scalars()]
+            ids = [[e["what"]["identifier"]["value"] for e in ev["entity"]
+                    if e["type"].get("code") == "XrequestId"][0] for ev in bodies]
+            if set(answered) <= set(ids) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        missing = set(answered) - set(ids)
+        assert not missing, sorted(missing)[:5]
+        doubled = {i for i in ids if ids.count(i) > 1}
+        assert not doubled, sorted(doubled)[:5]
+    finally:
+        shipper.terminate()
+        shipper.wait(timeout=30)
+        _stop(proc)
+        store.dispose()
+
