@@ -10,7 +10,7 @@
 Resources are generated (patients, encounters, observations), indexed by the store's real
 indexer and written in bulk through SQLAlchemy Core, bypassing only the per-request HTTP path.
 
-    python bench/bench_server.py [--resources N] [--reads N] [--backends sqlite,postgresql]
+    python bench/bench_server.py [--resources N] [--reads N] [--backends sqlite,postgresql] [--shipper external|thread]
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def pg_reachable() -> bool:
         return False
 
 
-def run_backend(name: str, n: int, reads: int) -> dict:
+def run_backend(name: str, n: int, reads: int, shipper: str = "external") -> dict:
     from server import create_app
     schema = None
     tmp = tempfile.TemporaryDirectory(prefix="fhir-iop-bench-")
@@ -313,7 +313,7 @@ def run_backend(name: str, n: int, reads: int) -> dict:
         store = app.extensions["fhir_iop"].store
         secs = bulk_load(store, n)
         result = {"load_s": secs, "resources": store_count(store)}
-        result["read"] = read_ratio(app, "p0", reads)
+        result["read"] = read_ratio(app, "p0", reads, shipper=shipper)
         result["search"] = search_latency(app, max(1, n // 10))
         store.dispose()
         return result
@@ -335,6 +335,8 @@ def main() -> int:
     ap.add_argument("--resources", type=int, default=100_000)
     ap.add_argument("--reads", type=int, default=3000)
     ap.add_argument("--backends", default="sqlite,postgresql")
+    ap.add_argument("--shipper", default="external", choices=("external", "thread"),
+                    help="the facade's AUDIT_SPOOL_SHIPPER (external: fhir-iop audit ship beside gunicorn)")
     args = ap.parse_args()
     report = {}
     for backend in args.backends.split(","):
@@ -342,12 +344,12 @@ def main() -> int:
             print("postgresql: skipped (127.0.0.1:5432 unreachable)", file=sys.stderr)
             continue
         print(f"{backend}: loading {args.resources} resources …", file=sys.stderr)
-        r = report[backend] = run_backend(backend, args.resources, args.reads)
+        r = report[backend] = run_backend(backend, args.resources, args.reads, args.shipper)
         rd = r["read"]
         print(f"{backend}: {r['resources']} resources loaded in {r['load_s']:.0f}s")
         print(f"{backend}:   read in-process {rd['facade_rps']:.0f} req/s vs bare Flask {rd['bare_rps']:.0f} req/s "
               f"= {rd['ratio']:.2f}; over HTTP {rd['http_facade_rps']:.0f} vs {rd['http_bare_rps']:.0f} req/s "
-              f"= {rd['http_ratio']:.2f} (target >= 0.7)")
+              f"= {rd['http_ratio']:.2f} (target >= 0.7; audit shipper: {rd['http_shipper']})")
         for q, s in r["search"].items():
             print(f"{backend}:   {q:28s} p50 {s['p50_ms']:6.1f} ms   p95 {s['p95_ms']:6.1f} ms (target < 25)")
     out = Path(__file__).resolve().parent / "results"

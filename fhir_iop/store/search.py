@@ -304,6 +304,15 @@ def _driving_rids(rt: str, c: Criterion):
         .order_by(table.c.rid)
 
 
+def _only_driver(q: Query, gate) -> Criterion | None:
+    """The query's one criterion when its index rows alone say what matches (no Part 2 gate, no
+    :not/:missing, a value to match): such rows exist only for current, undeleted resources of the type."""
+    only = q.criteria[0] if len(q.criteria) == 1 else None
+    if gate is not None or only is None or only.param is None or only.modifier in ("not", "missing"):
+        return None
+    return None if all(v == "" for v in only.values) else only
+
+
 def conditions(q: Query) -> list:
     """The WHERE clause. With a driving criterion the type and liveness checks are left out: index
     rows carry the type and exist only for current, undeleted versions."""
@@ -363,8 +372,8 @@ def run(conn, q: Query, registry: Registry, visible=None) -> SearchResult:
     if q.summary == "count" or q.count == 0 or q.total == "accurate":
         total = conn.execute(select(func.count()).select_from(resource).where(*conds)).scalar_one()
     elif q.total == "estimate":
-        only = q.criteria[0] if len(q.criteria) == 1 else None
-        if gate is None and only is not None and only.param is not None and only.modifier not in ("not", "missing"):
+        only = _only_driver(q, gate)
+        if only is not None:
             # one criterion: count its index rows alone (they exist only for live resources of the type)
             inner = _driving_rids(q.type, only)
         else:
@@ -374,8 +383,16 @@ def run(conn, q: Query, registry: Registry, visible=None) -> SearchResult:
         total = n if n <= TOTAL_CAP else None
     if q.summary == "count":
         return SearchResult(total, [], [], False)
-    stmt = select(resource.c.rid, resource.c.type, resource.c.id, resource.c.body).where(*conds) \
-        .order_by(*order_by(q, registry)).limit(q.count + 1).offset(q.offset)
+    only = _only_driver(q, gate) if not q.sort else None
+    if only is not None:
+        # one criterion in row id order: the page is cut from its index rows (a covering index, read
+        # only as far as the page), not from every match (which grows with the store)
+        page = _driving_rids(q.type, only).limit(q.count + 1).offset(q.offset).subquery()
+        stmt = select(resource.c.rid, resource.c.type, resource.c.id, resource.c.body) \
+            .where(resource.c.rid.in_(select(page.c.rid))).order_by(resource.c.rid)
+    else:
+        stmt = select(resource.c.rid, resource.c.type, resource.c.id, resource.c.body).where(*conds) \
+            .order_by(*order_by(q, registry)).limit(q.count + 1).offset(q.offset)
     rows = conn.execute(stmt).all()
     has_next = len(rows) > q.count
     rows = rows[:q.count]
