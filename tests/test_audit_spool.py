@@ -314,3 +314,9 @@ def test_batched_writes_store_the_rows_sqlalchemy_core_stores(store):
         with store.reading() as tx:
             found = {orjson.loads(b)["id"] for _, _, b in search.run(tx.conn, q, registry()).matches}
         assert found == {fast["id"], core["id"]}, query
+
+
+def test_a_spool_directory_that_cannot_be_made_stops_the_start(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(OSError):
+        make_app(f"sqlite:///{tmp_path / 'db.sqlite'}", AUDIT_SPOOL=str(tmp_path / "a-file" / "spool"))

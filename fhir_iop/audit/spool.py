@@ -81,6 +81,13 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        # a spool that cannot be written is a configuration error: say so at start, not on each request
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"the audit spool directory {self.dir} is not writable")
+        if self.dir.stat().st_mode & 0o077:
+            log.warning("audit spool: %s is readable by others than its owner (the spool holds audit records: "
+                        "chmod 700 it)", self.dir)
         _OPEN.add(self)
 
     # -- appending (the request path) ------------------------------------------------------------
