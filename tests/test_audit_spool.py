@@ -34,6 +34,15 @@ def make_app(db_url, **config):  # noqa: F811
     return create_app({"DATABASE_URL": db_url, "TESTING": True, **config})
 
 
+def create_patients(app, n: int):
+    """``n`` Patients created through the API (``n`` audited requests); the app's store."""
+    writer = token_for(app, scopes="system/Patient.cruds")
+    c = app.test_client()
+    for _ in range(n):
+        assert c.post("/Patient", json=PATIENT, headers={"Authorization": writer}).status_code == 201
+    return app.extensions["fhir_iop"].store
+
+
 def stored_ids(store) -> list[str]:
     with store.reading() as tx:
         return list(tx.conn.execute(select(resource.c.id).where(resource.c.type == "AuditEvent")).scalars())
@@ -90,11 +99,7 @@ def test_the_auditevent_is_spooled_before_the_response_and_stored_once_drained(d
 def test_the_spool_thread_ships_on_its_own(db_url):  # noqa: F811
     app = make_app(db_url, AUDIT_SPOOL_INTERVAL=0.05)
     try:
-        store = app.extensions["fhir_iop"].store
-        writer = token_for(app, scopes="system/Patient.cruds")
-        c = app.test_client()
-        for _ in range(5):
-            assert c.post("/Patient", json=PATIENT, headers={"Authorization": writer}).status_code == 201
+        store = create_patients(app, 5)
         deadline = time.monotonic() + 20
         while len(stored_ids(store)) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -107,11 +112,7 @@ def test_an_external_shipper_stores_what_the_facade_spooled(db_url, tmp_path):  
     directory = tmp_path / "spool"
     app = make_app(db_url, AUDIT_SPOOL=str(directory), AUDIT_SPOOL_SHIPPER="external", AUDIT_SPOOL_INTERVAL=0.05)
     try:
-        store = app.extensions["fhir_iop"].store
-        writer = token_for(app, scopes="system/Patient.cruds")
-        c = app.test_client()
-        for _ in range(3):
-            assert c.post("/Patient", json=PATIENT, headers={"Authorization": writer}).status_code == 201
+        store = create_patients(app, 3)
         time.sleep(0.5)  # the facade closes its segments but ships nothing
         assert stored_ids(store) == [] and segments(directory)
         from fhir_iop.cli import main

@@ -396,8 +396,6 @@ def index_rows(event: dict, fast: bool = True) -> dict[str, list[dict]]:
     return rows
 
 
-#: the statements, built once (SQLAlchemy's compiled cache then serves every request)
-_INSERT_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 
 
 def write(conn, event: dict) -> str:
@@ -407,8 +405,9 @@ def write(conn, event: dict) -> str:
 
 
 def write_many(conn, events: list[dict]) -> None:
-    """Appends AuditEvents (dicts with ids) with their index rows on ``conn``: one multi-row INSERT
-    for the resources and one per index table, whatever their number (the audit spool ships this way)."""
+    """Appends AuditEvents (dicts with ids) with their index rows on ``conn``: on PostgreSQL one
+    statement for the whole batch, on SQLite one executemany per index table, whatever their number
+    (the audit spool ships this way)."""
     if not events:
         return
     rows = []
@@ -426,20 +425,7 @@ def write_many(conn, events: list[dict]) -> None:
         conn.execute(_PG_WRITE_MANY, {"rows": orjson.dumps(rows, default=_iso).decode(),
                                       **{k: orjson.dumps(v).decode() for k, v in index.items()}})
         return
-    if conn.dialect.name == "sqlite":
-        _sqlite_write_many(conn, rows, events)
-        return
-    pks = conn.execute(_INSERT_MANY, rows).scalars().all()
-    per_kind: dict[str, list[dict]] = {}
-    for pk, event in zip(pks, events, strict=True):
-        for kind, index in index_rows(event).items():
-            per_kind.setdefault(kind, []).extend({"rid": pk, "type": AUDIT_TYPE, **r} for r in index)
-    for kind, index in per_kind.items():
-        if index:
-            conn.execute(_INSERT_INDEX[kind], index)
-
-
-_INSERT_MANY = insert(resource).returning(resource.c.rid, sort_by_parameter_order=True)
+    _sqlite_write_many(conn, rows, events)  # (the store runs on SQLite or PostgreSQL)
 
 
 def _sqlite_write_many(conn, rows: list[dict], events: list[dict]) -> None:

@@ -152,10 +152,6 @@ class Spool:
 
     # -- shipping ---------------------------------------------------------------------------------
 
-    def pending(self) -> int:
-        """Bytes in the spool directory not yet in the store (all processes' segments)."""
-        return sum(p.stat().st_size for p in self.dir.glob("*" + SUFFIX)) if self.dir.is_dir() else 0
-
     def drain(self) -> int:
         """Close the current segment and ship every closed one now; the number of AuditEvents stored.
         Raises when the store cannot take them."""
