@@ -439,27 +439,22 @@ def _written_hook(tx, rid_pk, rt, rid, res) -> None:
 
 def store_events(store, access, events: list[dict]) -> None:
     """The request's AuditEvents: appended to the audit spool (``fhir_iop.audit.spool``), or, with
-    ``AUDIT_SPOOL=off``, written to the store in a transaction of their own. Raises when they
-    cannot be recorded."""
+    ``AUDIT_SPOOL=off``, written to the store in a transaction of their own. Each names the Consent
+    that let each Part 2 resource leave (read in that transaction, or, spooled, in a read opened only
+    when an outside recipient got labelled resources). Raises when they cannot be recorded."""
     spool = current_spool()
-    if spool is None:
-        with store.transaction() as tx:
-            for ev in events:
-                resources = ev.pop("_resources", None)
-                if resources:
-                    ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
-                record(tx, access, **ev)
-        return
-    built = []
     with ExitStack() as stack:
-        tx = None
+        tx = stack.enter_context(store.transaction()) if spool is None else None
         for ev in events:
             resources = ev.pop("_resources", None)
-            if resources and _needs_consents(access, resources):
+            if resources and (tx is not None or _needs_consents(access, resources)):
                 tx = tx or stack.enter_context(store.reading())
                 ev["entities"] = with_consents(tx, access, [(e, resources.get(e.ref)) for e in ev["entities"]])
-            built.append(build(access, **ev))
-    spool.append(built)
+        if spool is None:
+            for ev in events:
+                record(tx, access, **ev)
+    if spool is not None:
+        spool.append([build(access, **ev) for ev in events])
 
 
 def _needs_consents(access, resources: dict) -> bool:

@@ -21,3 +21,29 @@ def test_migrations_match_the_models(db_url):  # noqa: F811
         assert diff == []
     finally:
         engine.dispose()
+
+
+def test_the_hot_current_read_gives_what_the_sqlalchemy_statement_gives(db_url):  # noqa: F811
+    """``Tx._current`` reads on the DBAPI cursor; its row must equal the SQLAlchemy ``_CURRENT`` row
+    (types included: SQLite's stored DateTime text becomes the same datetime), live and deleted."""
+    from fhir_iop.store import Store
+    from fhir_iop.store.repository import _CURRENT
+    store = Store(db_url)
+    try:
+        with store.transaction() as tx:
+            live = tx.create({"resourceType": "Patient", "gender": "other"}).stored.id
+            gone = tx.create({"resourceType": "Patient", "gender": "male"}).stored.id
+        with store.transaction() as tx:
+            tx.delete("Patient", gone)
+        for rid in (live, gone):
+            for ctx in (store.reading, store.transaction):
+                with ctx() as tx:
+                    fast = tx._current("Patient", rid)
+                    core = tx.conn.execute(_CURRENT, {"t": "Patient", "i": rid}).first()
+                assert (fast.rid, fast.version_id, fast.last_updated, fast.deleted, fast.body) == \
+                    (core.rid, core.version_id, core.last_updated, core.deleted, core.body)
+                assert type(fast.last_updated) is type(core.last_updated) and type(fast.deleted) is bool
+        with store.reading() as tx:
+            assert tx._current("Patient", "no-such-id") is None
+    finally:
+        store.dispose()

@@ -126,7 +126,7 @@ class CurrentRow(NamedTuple):
 #: the read of one current resource, the facade's hottest statement, sent on the DBAPI cursor of the
 #: SQLAlchemy connection (SQLAlchemy's documented "working with the DBAPI cursor directly"): the same
 #: statement as ``_CURRENT``, without the per-statement execution and result machinery
-#: (tests/test_store.py compares both); the driver's own parameter style
+#: (tests/test_store_schema.py compares both); the driver's own parameter style
 _CURRENT_SQL = {
     "sqlite": "SELECT rid, version_id, last_updated, deleted, body FROM resource WHERE type = ? AND id = ?",
     "postgresql": "SELECT rid, version_id, last_updated, deleted, body FROM resource WHERE type = %s AND id = %s",
