@@ -14,7 +14,7 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
   ``CLIENT_CACHE_SECONDS`` (how long a process remembers a client's registration, default 2)
 - audit (``server/audit_hook.py``, ``fhir_iop/audit/spool.py``; docs/security.md): ``AUDIT_SPOOL``
   (``auto``, ``off`` or a directory), ``AUDIT_SPOOL_SHIPPER`` (``thread`` or ``external``),
-  ``AUDIT_SPOOL_INTERVAL`` (seconds, 0.5), ``AUDIT_SPOOL_FSYNC`` (false)
+  ``AUDIT_SPOOL_INTERVAL`` (seconds, 0.1), ``AUDIT_SPOOL_FSYNC`` (false)
 """
 
 from __future__ import annotations
@@ -73,4 +73,24 @@ def state() -> State:
 
 def base_url() -> str:
     s = state()
-    return s.base_url or request.url_root.rstrip("/")
+    return s.base_url or request_root()
+
+
+#: (scheme, Host, server name and port, script root) → root URL; werkzeug rebuilds ``url_root`` on each
+#: access (IRI-decoding it), which showed in every request's profile
+_ROOTS: dict[tuple, str] = {}
+
+
+def request_root() -> str:
+    """``request.url_root`` without its trailing slash, remembered per distinct environ values it is
+    made of (at most 64: a client choosing Host headers cannot grow it)."""
+    e = request.environ
+    key = (e.get("wsgi.url_scheme"), e.get("HTTP_HOST"), e.get("SERVER_NAME"), e.get("SERVER_PORT"),
+           e.get("SCRIPT_NAME"), tuple(current_app.config.get("TRUSTED_HOSTS") or ()))
+    root = _ROOTS.get(key)
+    if root is None:
+        root = request.url_root.rstrip("/")
+        if len(_ROOTS) >= 64:
+            _ROOTS.clear()
+        _ROOTS[key] = root
+    return root

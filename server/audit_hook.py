@@ -39,6 +39,7 @@ from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
 from fhir_iop.store import NotFound, search
 from fhir_iop.store.models import resource
+from server.app import request_root
 from server.errors import FhirHttpError, outcome
 
 log = logging.getLogger("fhir_iop.audit")
@@ -64,7 +65,7 @@ def _access():
 def request_id() -> str:
     rid = g.get("audit_request_id")
     if rid is None:
-        given = request.headers.get("X-Request-Id", "")
+        given = request.environ.get("HTTP_X_REQUEST_ID", "")
         rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else str(uuid.uuid4())
         g.audit_request_id = rid
     return rid
@@ -255,7 +256,8 @@ def _ref_from_url(url: str) -> str | None:
 
 def classify(method: str, path: str) -> tuple[str, list[str], str | None, str | None]:
     """(action, extra subtypes, resource type, Type/id) of a REST request."""
-    path = "".join(c if c.isprintable() else "\ufffd" for c in path)  # a refused NUL path (400) is still audited
+    if not path.isprintable():  # a refused NUL path (400) is still audited
+        path = "".join(c if c.isprintable() else "\ufffd" for c in path)
     segs = [s for s in path.split("/") if s]
     rt = segs[0] if segs and segs[0][:1].isupper() else None
     ref = f"{segs[0]}/{segs[1]}" if rt and len(segs) >= 2 and not segs[1].startswith(("_", "$")) else None
@@ -312,9 +314,10 @@ def _query_of(method: str) -> bytes | None:
 
 def events_for(response) -> list[dict]:
     """The keyword arguments of :func:`fhir_iop.audit.record` for each AuditEvent of this request."""
-    method, path, status = request.method, request.path, response.status_code
+    req = request._get_current_object()
+    method, path, status = req.method, req.path, response.status_code
     action, subtypes, rt, ref = classify(method, path)
-    common = {"network": request.remote_addr, "server": request.url_root.rstrip("/"),
+    common = {"network": req.remote_addr, "server": request_root(),
               "request_id": request_id()}
     notes = noted()
     body = None
@@ -479,7 +482,7 @@ def audit_response(response):
             events = [{"action": action if action != "transaction" else "operation",
                        "outcome": outcome_for_status(response.status_code), "entities": [Entity(ref)] if ref else [],
                        "subtypes": subtypes, "resource_type": rt, "network": request.remote_addr,
-                       "server": request.url_root.rstrip("/"), "request_id": request_id(),
+                       "server": request_root(), "request_id": request_id(),
                        "description": f"HTTP {response.status_code}; the body could not be read for the audit"}]
         store_events(state().store, access, events)
     except Exception as e:
@@ -524,7 +527,7 @@ def init_app(app: Flask) -> None:
     store = app.extensions["fhir_iop"].store
     directory = spool_dir(app.config.get("AUDIT_SPOOL", "auto"), store.url)
     if directory is not None:
-        spool = Spool(store, directory, interval=float(app.config.get("AUDIT_SPOOL_INTERVAL", 0.5)),
+        spool = Spool(store, directory, interval=float(app.config.get("AUDIT_SPOOL_INTERVAL", 0.1)),
                       fsync=_flag(app.config.get("AUDIT_SPOOL_FSYNC", False)),
                       shipper=str(app.config.get("AUDIT_SPOOL_SHIPPER", "thread")))
         app.extensions[SPOOL] = spool

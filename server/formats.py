@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
@@ -60,7 +61,7 @@ _ANY = ("", "*/*", "application/fhir+json", "application/json", "application/fhi
 
 
 def _negotiate() -> str | None:
-    fmt = request.args.get("_format")
+    fmt = request.args.get("_format") if request.query_string else None
     if fmt:
         f = fmt.split(";")[0].strip().lower().replace(" ", "+")  # an unescaped + arrives as a space
         if f in FORMAT_NAMES:
@@ -70,7 +71,7 @@ def _negotiate() -> str | None:
         if f in XML_TYPES:
             return "xml"
         return None
-    if request.headers.get("Accept", "").strip() in _ANY:
+    if request.environ.get("HTTP_ACCEPT", "").strip() in _ANY:
         return "json"
     best = request.accept_mimetypes.best_match(JSON_TYPES + XML_TYPES)
     if best is None:
@@ -172,6 +173,7 @@ def read_body() -> dict:
                              "application/fhir+json or application/fhir+xml")
 
 
+@lru_cache(maxsize=4096)
 def http_date(dt: datetime) -> str:
     return format_datetime(dt.replace(tzinfo=UTC), usegmt=True)
 
@@ -198,8 +200,11 @@ def respond(body, status: int = 200, headers: dict | None = None, fmt: str | Non
 
 def prefer() -> dict[str, str]:
     """The ``Prefer`` header as a dict (``return``, ``handling``…)."""
-    out = {}
-    for part in request.headers.get("Prefer", "").split(","):
+    out: dict[str, str] = {}
+    value = request.environ.get("HTTP_PREFER")
+    if not value:
+        return out
+    for part in value.split(","):
         k, _, v = part.strip().partition("=")
         if k:
             out[k.strip().lower()] = v.strip().strip('"').lower()
@@ -210,11 +215,12 @@ def not_modified(version_id: int, last_updated: datetime) -> bool:
     """Conditional read: true when ``If-None-Match`` names the current version (or ``*``), or, without
     it, when nothing changed since ``If-Modified-Since`` (HTTP dates have whole seconds; an unparsable
     date is ignored, as RFC 9110 says)."""
-    inm = request.headers.get("If-None-Match")
+    env = request.environ
+    inm = env.get("HTTP_IF_NONE_MATCH")
     if inm is not None:
         tags = {t.strip().removeprefix("W/").strip('"') for t in inm.split(",")}
         return "*" in tags or str(version_id) in tags
-    ims = request.headers.get("If-Modified-Since")
+    ims = env.get("HTTP_IF_MODIFIED_SINCE")
     if ims:
         try:
             since = parsedate_to_datetime(ims)
@@ -255,12 +261,13 @@ OWN_MEDIA_TYPES = {"export.download", "smart.configuration", "smart.token", "sma
 def check_request() -> None:
     """400 for a path or query string that is not UTF-8 or holds control characters; 406 when the client
     accepts nothing we produce. Runs before the view, so nothing is written for a request refused here."""
-    path = request.environ.get("PATH_INFO", "")
-    if not _decodes(path.encode("latin-1", "replace")) or "\ufffd" in request.path:  # (as a test client decodes)
+    req = request._get_current_object()
+    path = req.environ.get("PATH_INFO", "")
+    if not _decodes(path.encode("latin-1", "replace")) or "\ufffd" in req.path:  # (as a test client decodes)
         raise FhirHttpError(400, "the request path is not UTF-8 or holds control characters")
-    if not _decodes(unquote_to_bytes(request.query_string)):
+    if req.query_string and not _decodes(unquote_to_bytes(req.query_string)):
         raise FhirHttpError(400, "the query string is not UTF-8 or holds control characters")
-    if negotiate() is None and request.endpoint not in OWN_MEDIA_TYPES:
+    if negotiate() is None and req.endpoint not in OWN_MEDIA_TYPES:
         raise FhirHttpError(406, "the response can be FHIR JSON (application/fhir+json) or FHIR XML "
                                  "(application/fhir+xml); _format or Accept asks for neither")
 

@@ -284,7 +284,7 @@ def build(access: Access | None, action: str, outcome: int, entities: Iterable =
 
     event = {"resourceType": AUDIT_TYPE, "id": event_id or str(uuid.uuid4()),
              "type": _coding(event_type), "subtype": subtype, "action": code,
-             "recorded": when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z", "outcome": str(outcome)}
+             "recorded": when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z", "outcome": str(outcome)}
     desc = [description] if description else []
     if emergency:
         desc.append("medical-emergency disclosure (42 CFR 2.51)")

@@ -46,7 +46,7 @@ def audit_group():
 @audit_group.command("ship")
 @_database_opt
 @_spool_opt
-@click.option("--interval", type=float, default=0.5, show_default=True, help="Seconds between passes (--loop).")
+@click.option("--interval", type=float, default=0.1, show_default=True, help="Seconds between passes (--loop).")
 @click.option("--once/--loop", "once", default=True, show_default=True,
               help="One pass, or passes until SIGTERM/Ctrl-C.")
 @guard

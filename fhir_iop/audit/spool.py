@@ -10,7 +10,7 @@ How it stays exactly-once:
 
 * A process appends to its current *segment*, ``<dir>/<time>-<pid>-<random>.ndjson`` (mode 0600, the
   directory 0700), holding an exclusive ``flock`` on it. One ``write(2)`` per request; a failed
-  write is cut back off the file. Every ``interval`` seconds (``AUDIT_SPOOL_INTERVAL``, default 0.5)
+  write is cut back off the file. Every ``interval`` seconds (``AUDIT_SPOOL_INTERVAL``, default 0.1)
   the process's spool thread closes a segment that has lines, which releases its lock; the next
   append starts a new one.
 * A segment whose lock can be taken is closed (or its process died): a shipper takes the lock,
@@ -66,7 +66,7 @@ class Spool:
     """The spool of one store in one directory (one per application; ``ship_segments`` alone for
     an external shipper)."""
 
-    def __init__(self, store, directory: str | os.PathLike, *, interval: float = 0.5, fsync: bool = False,
+    def __init__(self, store, directory: str | os.PathLike, *, interval: float = 0.1, fsync: bool = False,
                  shipper: str = "thread", idle_exit: float = 5.0):
         if shipper not in SHIPPERS:
             raise ValueError(f"AUDIT_SPOOL_SHIPPER is one of {', '.join(SHIPPERS)}, not {shipper!r}")
@@ -314,7 +314,7 @@ def reject(directory: Path, lines: list[bytes], why: str) -> None:
     log.error("audit spool: %d AuditEvent line(s) refused by the store (%s), kept in %s", len(lines), why, path.name)
 
 
-def run_shipper(store, directory: Path, interval: float = 0.5, stop: threading.Event | None = None,
+def run_shipper(store, directory: Path, interval: float = 0.1, stop: threading.Event | None = None,
                 once: bool = False) -> int:
     """``fhir-iop audit ship``: ship closed segments every ``interval`` seconds until ``stop`` is set
     (or once); the number of AuditEvents stored."""
