@@ -7,6 +7,8 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
 - ``MIGRATE``: apply the Alembic migrations on start (default true)
 - ``BASE_URL``: the public base URL used in links and ``Location`` (default: from the request)
 - ``DEFAULT_COUNT`` / ``MAX_COUNT``: search page sizes (50 / 1000)
+- ``READ_CACHE_MB``: PostgreSQL only, megabytes of current resources each process keeps for reads by
+  id, dropped as the database announces changes (``fhir_iop/store/cache.py``; default 32, 0 = off)
 - ``MAPPINGS``: site mappings directory for ``$load-iop`` (as ``--mappings`` on the command line)
 - authorization (``server/auth.py``): ``INSECURE_NO_AUTH`` (development only, default false),
   ``SIGNING_KEY_FILE``/``SIGNING_ALG``, ``TOKEN_ISSUER``, ``TOKEN_LIFETIME``, ``TOKEN_URL``,
@@ -40,11 +42,12 @@ class State:
 def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(DATABASE_URL=DEFAULT_DATABASE_URL, MIGRATE=True, BASE_URL=None, DEFAULT_COUNT=50,
-                            MAX_COUNT=1000, MAPPINGS=None, MAX_CONTENT_LENGTH=64 * 1024 * 1024)
+                            MAX_COUNT=1000, MAPPINGS=None, MAX_CONTENT_LENGTH=64 * 1024 * 1024, READ_CACHE_MB=32)
     app.config.from_prefixed_env("FHIR_IOP")
     if test_config is not None:  # tests and the command line override the environment
         app.config.from_mapping(test_config)
-    store = app.config.get("STORE") or Store(app.config["DATABASE_URL"], migrate=bool(app.config["MIGRATE"]))
+    store = app.config.get("STORE") or Store(app.config["DATABASE_URL"], migrate=bool(app.config["MIGRATE"]),
+                                             read_cache_mb=float(app.config["READ_CACHE_MB"]))
     app.extensions[EXTENSION] = State(store, int(app.config["DEFAULT_COUNT"]), int(app.config["MAX_COUNT"]),
                                       (app.config["BASE_URL"] or "").rstrip("/") or None)
     from server import errors

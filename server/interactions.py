@@ -9,6 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from flask import request
+
 from fhir_iop.disclosure import Gate
 from fhir_iop.store import Store, Stored, Tx
 from fhir_iop.store.repository import instant
@@ -90,6 +92,8 @@ class GatedStore:
     def reading(self, snapshot: bool = False):
         with self.store.reading(snapshot) as tx:
             gated(tx)
+            if tx.cache is not None and "no-cache" in request.environ.get("HTTP_CACHE_CONTROL", ""):
+                tx.cache = None  # the client asks for what the database holds now (fhir_iop/store/cache.py)
             yield tx
 
 

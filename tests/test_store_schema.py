@@ -15,7 +15,7 @@ def test_migrations_match_the_models(db_url):  # noqa: F811
     try:
         upgrade(engine)
         upgrade(engine)  # again: nothing to do
-        assert current_revision(engine) == "0006"
+        assert current_revision(engine) == "0008"
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
         assert diff == []
@@ -47,3 +47,42 @@ def test_the_hot_current_read_gives_what_the_sqlalchemy_statement_gives(db_url):
             assert tx._current("Patient", "no-such-id") is None
     finally:
         store.dispose()
+
+
+def test_upgrading_indexes_the_decimal_quantities_earlier_releases_left_out(db_url):  # noqa: F811
+    """Migration 0007: a store written before decimal quantities were indexed (simulated: its
+    quantity rows removed, the store at 0006) finds them after the upgrade; other rows stay."""
+    from sqlalchemy import delete, func, select
+
+    from fhir_iop.store import Store, search
+    from fhir_iop.store.models import search_quantity, search_token
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "0006")
+        store = Store(db_url, migrate=False)
+        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "buprenorphine level"},
+               "valueQuantity": {"value": 4.5, "unit": "ng/mL", "system": "http://unitsofmeasure.org",
+                                 "code": "ng/mL"},
+               "component": [{"code": {"text": "a"}, "valueQuantity": {"value": 2, "code": "ng/mL"}}]}
+        with store.transaction() as tx:
+            oid = tx.create(obs).stored.id
+            tx.create({"resourceType": "Patient", "gender": "other"})
+        with store.transaction() as tx:
+            tokens = tx.conn.execute(select(func.count()).select_from(search_token)).scalar()
+            tx.conn.execute(delete(search_quantity))  # what 0006-era indexing left: no decimal rows
+
+        def found(value: str) -> list[str]:
+            with store.reading() as tx:
+                q = search.parse(store.registry, "Observation", [("value-quantity", value)])
+                return [m[1] for m in tx.search(q).matches]
+        assert found("4.5") == []
+        upgrade(engine)
+        assert current_revision(engine) == "0008"
+        assert found("4.5") == [oid] and found("4.6") == []
+        with store.reading() as tx:
+            rows = {(r.param, r.value) for r in tx.conn.execute(select(search_quantity))}
+            assert ("value-quantity", 4.5) in rows and ("component-value-quantity", 2.0) in rows
+            assert tx.conn.execute(select(func.count()).select_from(search_token)).scalar() == tokens
+        store.dispose()
+    finally:
+        engine.dispose()

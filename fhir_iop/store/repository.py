@@ -134,7 +134,8 @@ _CURRENT_SQL = {
 
 
 class Store:
-    def __init__(self, url: str, registry: Registry | None = None, migrate: bool = True, **engine_kwargs):
+    def __init__(self, url: str, registry: Registry | None = None, migrate: bool = True, read_cache_mb: float = 0,
+                 **engine_kwargs):
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self._reader = autocommit(self.engine, **engine_kwargs)
@@ -144,10 +145,17 @@ class Store:
         self.on_dispose: list = []
         if migrate:
             upgrade(self.engine)
+        #: current rows kept in this process (PostgreSQL only, ``read_cache_mb`` > 0; fhir_iop.store.cache)
+        self.cache = None
+        if read_cache_mb > 0 and self.engine.dialect.name == "postgresql":
+            from fhir_iop.store.cache import ReadCache
+            self.cache = ReadCache(self._reader, int(read_cache_mb * 1024 * 1024))
 
     def dispose(self) -> None:
         while self.on_dispose:
             self.on_dispose.pop(0)()
+        if self.cache is not None:
+            self.cache.close()
         if self.engine.dialect.name != "sqlite":  # the readers' own pool (engine.autocommit)
             self._reader.dispose()
         self.engine.dispose()
@@ -160,7 +168,10 @@ class Store:
         clients; ``"sync:<connection>"``: pulled from an EHR), for the write hooks."""
         with self.engine.connect().execution_options(**WRITE) as conn:
             with conn.begin():
-                yield Tx(conn, self.registry, origin=origin)
+                tx = Tx(conn, self.registry, origin=origin)
+                yield tx
+            if self.cache is not None and tx.written:  # committed: this process reads its own writes
+                self.cache.drop(tx.written)
 
     @contextmanager
     def reading(self, snapshot: bool = False) -> Iterator[Tx]:
@@ -171,14 +182,18 @@ class Store:
                 yield Tx(conn, self.registry, read_only=True)
             return
         with self._reader.connect() as conn:
-            yield Tx(conn, self.registry, read_only=True)
+            yield Tx(conn, self.registry, read_only=True, cache=self.cache)
 
 
 class Tx:
     """The interactions, inside one database transaction."""
 
-    def __init__(self, conn, registry: Registry, read_only: bool = False, origin: str | None = None):
+    def __init__(self, conn, registry: Registry, read_only: bool = False, origin: str | None = None, cache=None):
         self.conn, self.registry, self.read_only, self.origin = conn, registry, read_only, origin
+        #: the store's read cache, for current reads outside write transactions (None: the database)
+        self.cache = cache
+        #: (type, id) of what this transaction wrote
+        self.written: set[tuple[str, str]] = set()
         #: the Part 2 gate of whoever this transaction serves (``fhir_iop.disclosure.Gate``; None: the
         #: program itself). Every read path sees only what it lets go: a withheld resource is
         #: reported exactly like a missing one, and counts, pages and includes leave it out.
@@ -194,6 +209,17 @@ class Tx:
         return g.visible_clause(table)
 
     def _current(self, rt: str, rid: str, lock: bool = False):
+        cache = self.cache
+        if cache is not None and not lock and cache.usable():
+            row, generation = cache.get(rt, rid)
+            if row is None:
+                row = self._current_row(rt, rid, lock)
+                if row is not None:
+                    cache.put(rt, rid, row, generation)
+            return row
+        return self._current_row(rt, rid, lock)
+
+    def _current_row(self, rt: str, rid: str, lock: bool = False):
         sql = None if lock else _CURRENT_SQL.get(self.conn.dialect.name)
         if sql is None:
             return self.conn.execute(_CURRENT_LOCKED if lock else _CURRENT, {"t": rt, "i": rid}).first()
@@ -327,6 +353,7 @@ class Tx:
             for table in _TABLES.values():
                 self.conn.execute(delete(table).where(table.c.rid == rid_pk))
         rt, rid = key or (res["resourceType"], res["id"])
+        self.written.add((rt, rid))
         for hook in WRITE_HOOKS:
             hook(self, rid_pk, rt, rid, res)
         if res is None:
