@@ -33,7 +33,7 @@ import orjson
 from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
-from fhir_iop.audit import AUDIT_TYPE, Entity, build, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit import AUDIT_TYPE, Entity, facts, noted, outcome_for_status, patient_of, record, registry
 from fhir_iop.audit.spool import Spool, spool_dir
 from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
@@ -457,7 +457,7 @@ def store_events(store, access, events: list[dict]) -> None:
             for ev in events:
                 record(tx, access, **ev)
     if spool is not None:
-        spool.append([build(access, **ev) for ev in events])
+        spool.append([facts(access, **ev) for ev in events])  # (the shipper builds the AuditEvents)
 
 
 def _needs_consents(access, resources: dict) -> bool:

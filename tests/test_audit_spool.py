@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from server_kit import db_url, token_for  # noqa: F401  (fixtures)
 from sqlalchemy import select, update
 
-from fhir_iop.audit import Entity, build
+from fhir_iop.audit import Entity, build, facts, from_facts
 from fhir_iop.audit.spool import SUFFIX, Spool, ship_segments, spool_dir
 from fhir_iop.security.access import Access
 from fhir_iop.store import Store
@@ -77,7 +77,7 @@ def test_the_auditevent_is_spooled_before_the_response_and_stored_once_drained(d
         r = c.get(f"/Patient/{pid}", headers={"Authorization": writer})
         assert r.status_code == 200
         spooled = b"".join(p.read_bytes() for p in segments(spool.dir))
-        lines = [orjson.loads(x) for x in spooled.splitlines()]
+        lines = [from_facts(orjson.loads(x)) for x in spooled.splitlines()]  # (as the shipper builds them)
         assert [ev["action"] for ev in lines] == ["C", "R"]
         read = lines[1]
         ident = [e for e in read["entity"] if e["type"].get("code") == "XrequestId"][0]["what"]["identifier"]["value"]
@@ -90,7 +90,7 @@ def test_the_auditevent_is_spooled_before_the_response_and_stored_once_drained(d
         found = c.get(f"/AuditEvent?entity=Patient/{pid}", headers={"Authorization": admin}).get_json()
         assert sorted(e["resource"]["action"] for e in found["entry"]) == ["C", "R"]
         assert sorted(stored_ids(store)) == sorted(ev["id"] for ev in lines)
-        left = [orjson.loads(x) for p in segments(spool.dir) for x in p.read_bytes().splitlines()]
+        left = [from_facts(orjson.loads(x)) for p in segments(spool.dir) for x in p.read_bytes().splitlines()]
         assert [ev["action"] for ev in left] == ["E"]  # only the search's own AuditEvent, spooled after it
     finally:
         app.extensions["fhir_iop"].store.dispose()
@@ -321,3 +321,27 @@ def test_a_spool_directory_that_cannot_be_made_stops_the_start(tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(OSError):
         make_app(f"sqlite:///{tmp_path / 'db.sqlite'}", AUDIT_SPOOL=str(tmp_path / "a-file" / "spool"))
+
+
+def test_spooled_facts_build_exactly_the_auditevent_of_the_request():
+    """A request spools ``facts`` (a quarter of the bytes); the shipper's ``from_facts`` gives the very
+    AuditEvent ``build`` gives for the same arguments, id and time; what ``build`` would refuse is
+    refused at the request, before anything is disclosed."""
+    from datetime import UTC, datetime
+    cases = [(Access("app-1", recipient="RIVERSIDE-PC", purpose="HPAYMT", emergency=True),
+              dict(action="search", outcome=0, entities=[Entity("Encounter/e1", "Patient/p1", "Consent/c1"),
+                                                         Entity("Observation/o1", None, None, "emergency")],
+                   patients=["Patient/p2"], consents=["Consent/c2"], query=b"patient=p1&code=\xff",
+                   description="2 resource(s) written", network="10.0.0.7", server="https://iop.example/fhir",
+                   request_id="r-1", subtypes=["history-type"], resource_type="Encounter")),
+             (None, dict(action="read", outcome=4, entities=["Patient/p9"], query="a=b", description="HTTP 401")),
+             (Access("staff"), dict(action="transaction", outcome=12))]
+    for access, kw in cases:
+        f = orjson.loads(orjson.dumps(facts(access, **kw)))  # (through the spool's JSON)
+        when = datetime.fromisoformat(f["recorded"]).replace(tzinfo=UTC)
+        assert from_facts(f) == build(access, **kw, recorded=when, event_id=f["id"])
+        assert len(orjson.dumps(f)) < len(orjson.dumps(from_facts(f))) / 2
+    with pytest.raises(ValueError):
+        facts(None, action="frobnicate", outcome=0)
+    with pytest.raises(ValueError):
+        facts(None, action="read", outcome=3)

@@ -98,7 +98,7 @@ def test_logs_of_a_realistic_workload_and_of_the_whole_run_hold_no_phi(live_clin
     assert r.status_code == 500 and FIRST["family_name"] not in r.text
     monkeypatch.undo()
     # 5. an audit that cannot be written (the hook logs the failure)
-    monkeypatch.setattr("server.audit_hook.build", exploding)  # (building the AuditEvent for the spool)
+    monkeypatch.setattr("server.audit_hook.facts", exploding)  # (what the request spools for its AuditEvent)
     assert s.get(f"{url}/Patient", params={"family": FIRST["family_name"]}).status_code == 500
     monkeypatch.undo()
     # 6. a malformed request line carrying a query (werkzeug's error log)
