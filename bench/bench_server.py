@@ -333,7 +333,7 @@ def store_count(store: Store) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resources", type=int, default=100_000)
-    ap.add_argument("--reads", type=int, default=3000)
+    ap.add_argument("--reads", type=int, default=10000)
     ap.add_argument("--backends", default="sqlite,postgresql")
     ap.add_argument("--shipper", default="external", choices=("external", "thread"),
                     help="the facade's AUDIT_SPOOL_SHIPPER (external: fhir-iop audit ship beside gunicorn)")
