@@ -208,3 +208,60 @@ def test_the_facade_reads_the_database_when_asked_for_no_cache(pg_url):
         off.extensions["fhir_iop"].store.dispose()
     finally:
         store.dispose()
+
+
+def test_gunicorn_workers_each_read_a_write_made_through_the_other(pg_url, tmp_path):
+    """The deployment shape: gunicorn with two workers, each with its read cache. Every update made
+    through whichever worker is read back by both, within moments (the notification), and at once
+    with ``Cache-Control: no-cache``; If-Match keeps working on the current version."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import requests
+    from server_kit import free_port
+    from test_server_http import _stop, _wait_for
+
+    from fhir_iop.security import clients, keys, tokens
+    if shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("gunicorn is not installed in this environment")
+    store = Store(pg_url)
+    clients.register(store, "ops", scopes="system/Patient.cruds", jwks=keys.jwks_of(keys.generate("ES384")))
+    auth = {"Authorization": "Bearer " + tokens.issue("ops", "system/Patient.cruds", store=store)}
+    store.dispose()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "--workers", "2", "--bind",
+                             f"127.0.0.1:{port}", "server:create_app()"], cwd=tmp_path,
+                            env={**os.environ, "FHIR_IOP_DATABASE_URL": pg_url,
+                                 "FHIR_IOP_AUDIT_SPOOL": str(tmp_path / "spool")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(f"{base}/metadata", proc).status_code == 200
+        s = requests.Session()
+        s.headers.update(auth)
+        pid = s.post(f"{base}/Patient", json={"resourceType": "Patient", "gender": "other"}).json()["id"]
+        for _ in range(40):  # both workers read it (and keep it) before the updates
+            assert s.get(f"{base}/Patient/{pid}").status_code == 200
+        worst = 0.0
+        for version in range(2, 12):
+            r = s.put(f"{base}/Patient/{pid}", headers={"If-Match": f'W/"{version - 1}"'},
+                      json={"resourceType": "Patient", "id": pid, "gender": "other", "birthDate": f"19{version:02d}"})
+            assert r.status_code == 200, r.text
+            fresh = s.get(f"{base}/Patient/{pid}", headers={"Cache-Control": "no-cache"})
+            assert fresh.headers["ETag"] == f'W/"{version}"'
+            started = time.monotonic()
+            seen = 0
+            while seen < 10:  # ten reads in a row at the new version, whichever worker answers
+                got = s.get(f"{base}/Patient/{pid}")
+                if got.headers["ETag"] == f'W/"{version}"':
+                    seen += 1
+                else:
+                    seen = 0
+                    assert time.monotonic() - started < 2.0, "a worker kept serving the previous version"
+            worst = max(worst, time.monotonic() - started)
+        stale = s.put(f"{base}/Patient/{pid}", headers={"If-Match": 'W/"3"'},
+                      json={"resourceType": "Patient", "id": pid, "gender": "male"})
+        assert stale.status_code == 412  # writes check the database, never the cache
+    finally:
+        _stop(proc)
