@@ -125,3 +125,38 @@ def test_demo_client_and_token_over_http(tmp_path, monkeypatch):
             assert code == 2 and "invalid_scope" in err
     finally:
         app.extensions["fhir_iop"].store.dispose()
+
+
+def test_registering_while_another_process_keeps_writing(tmp_path):
+    """SQLite: a registration reads then writes; begun deferred, it failed at once with "database is
+    locked" whenever another writer (the audit shipper, every 0.1 s) committed in between. It now
+    starts as a write transaction and waits its turn."""
+    import threading
+
+    from fhir_iop.audit import Entity, build, write_many
+    url = f"sqlite:///{tmp_path / 'busy.sqlite'}"
+    store, other = Store(url), Store(url, migrate=False)
+    stop, errors = threading.Event(), []
+
+    def shipper():
+        n = 0
+        while not stop.is_set():
+            try:
+                with other.transaction() as tx:
+                    write_many(tx.conn, [build(None, "read", 0, [Entity(f"Patient/p{n}")])])
+            except Exception as e:  # (the writer itself must not fail either)
+                errors.append(e)
+            n += 1
+    t = threading.Thread(target=shipper)
+    t.start()
+    try:
+        for i in range(60):
+            clients.register(store, f"busy-{i}", scopes="system/*.rs", jwks=keys.jwks_of(keys.generate("ES256")))
+            clients.register(store, f"busy-{i}", scopes="system/Patient.rs", replace=True,
+                             jwks=keys.jwks_of(keys.generate("ES256")))
+    finally:
+        stop.set()
+        t.join()
+        store.dispose()
+        other.dispose()
+    assert errors == []

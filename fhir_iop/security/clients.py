@@ -104,7 +104,11 @@ def register(store, name: str, *, scopes: str, jwks: dict | None = None, jwks_ur
     values = {"client_id": client_id or name, "name": name, "jwks": orjson.dumps(jwks).decode() if jwks else None,
               "jwks_uri": jwks_uri, "scopes": check_scopes(scopes), "recipient": recipient, "purpose": purpose,
               "emergency_allowed": emergency_allowed, "admin": admin, "created": now(), "disabled": None}
-    with store.engine.begin() as conn:
+    # a write transaction from its start (SQLite: BEGIN IMMEDIATE): a read-then-write transaction
+    # begun deferred fails at once with "database is locked" when another writer (the audit shipper)
+    # commits between its read and its write
+    with store.transaction() as tx:
+        conn = tx.conn
         existing = conn.execute(select(smart_client.c.client_id).where(
             smart_client.c.client_id == values["client_id"])).first()
         if existing is not None:
