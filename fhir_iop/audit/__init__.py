@@ -202,16 +202,21 @@ def _entity_of(item) -> Entity:
     return Entity(*item)
 
 
+def _check(action: str, outcome: int) -> None:
+    """What :func:`build` (and so :func:`facts`) refuses."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r} (one of {', '.join(ACTIONS)})")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"AuditEvent.outcome is 0, 4, 8 or 12, not {outcome!r}")
+
+
 def build(access: Access | None, action: str, outcome: int, entities: Iterable = (), patients: Iterable[str] = (),
           consents: Iterable[str] = (), query: str | bytes | None = None, description: str | None = None, *,
           network: str | None = None, server: str | None = None, request_id: str | None = None,
           subtypes: Iterable[str] = (), resource_type: str | None = None, recorded: datetime | None = None,
           event_id: str | None = None) -> dict:
     """The AuditEvent (a dict) :func:`record` writes; see the module docstring for its shape."""
-    if action not in ACTIONS:
-        raise ValueError(f"unknown audit action {action!r} (one of {', '.join(ACTIONS)})")
-    if outcome not in OUTCOMES:
-        raise ValueError(f"AuditEvent.outcome is 0, 4, 8 or 12, not {outcome!r}")
+    _check(action, outcome)
     code, event_type, interaction = ACTIONS[action]
     when = (recorded or datetime.now(UTC)).astimezone(UTC)
     ents = [_entity_of(e) for e in entities]
@@ -357,10 +362,7 @@ def facts(access: Access | None, action: str, outcome: int, entities: Iterable =
     the event's id and time fixed now, so that the shipper builds exactly the AuditEvent ``build``
     would have built here (a quarter of the bytes, and the building off the request path). Checks
     what ``build`` would refuse, so nothing is spooled that cannot be stored."""
-    if action not in ACTIONS:
-        raise ValueError(f"unknown audit action {action!r} (one of {', '.join(ACTIONS)})")
-    if outcome not in OUTCOMES:
-        raise ValueError(f"AuditEvent.outcome is 0, 4, 8 or 12, not {outcome!r}")
+    _check(action, outcome)
     raw = query.encode() if isinstance(query, str) else bytes(query) if query is not None else None
     ents = [_entity_of(e) for e in entities]
     return {FACTS: 1, "id": str(uuid.uuid4()),
