@@ -45,6 +45,11 @@ STALE_AFTER = 3.0
 CHECK_EVERY = 1.0
 
 
+def _size(row) -> int:
+    """What a cached row counts against ``READ_CACHE_MB``: its body and about 200 bytes of the rest."""
+    return len(row.body or "") + 200
+
+
 class ReadCache:
     """Current rows by (type, id), for one store (one database and schema) in one process."""
 
@@ -87,7 +92,7 @@ class ReadCache:
     def put(self, rt: str, rid: str, row, generation: int) -> None:
         """Keep ``row`` (read from the database under ``generation``) unless something was dropped
         since: the row may predate that change."""
-        size = len(row.body or "") + 200
+        size = _size(row)
         if size > self.max_bytes // 8:
             return  # one large resource does not push out everything else
         with self._lock:
@@ -95,12 +100,12 @@ class ReadCache:
                 return
             old = self._rows.pop((rt, rid), None)
             if old is not None:
-                self._bytes -= len(old.body or "") + 200
+                self._bytes -= _size(old)
             self._rows[(rt, rid)] = row
             self._bytes += size
             while self._bytes > self.max_bytes and self._rows:
                 _, out = self._rows.popitem(last=False)
-                self._bytes -= len(out.body or "") + 200
+                self._bytes -= _size(out)
 
     # -- dropping ----------------------------------------------------------------------------------
 
@@ -110,7 +115,7 @@ class ReadCache:
             for key in keys:
                 old = self._rows.pop(key, None)
                 if old is not None:
-                    self._bytes -= len(old.body or "") + 200
+                    self._bytes -= _size(old)
 
     def clear(self) -> None:
         with self._lock:
