@@ -21,7 +21,7 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask, current_app, request
 
@@ -37,6 +37,8 @@ class State:
     max_count: int
     base_url: str | None
     mapping_context: object = None  # built on first $load-iop
+    #: (base URL, date) → the CapabilityStatement as JSON (server/routes/metadata.py)
+    capability_statements: dict = field(default_factory=dict)
 
 
 def create_app(test_config: dict | None = None) -> Flask:

@@ -25,7 +25,6 @@ string; logged exceptions without their message).
 from __future__ import annotations
 
 import logging
-import uuid
 from contextlib import ExitStack
 from urllib.parse import urlsplit
 
@@ -33,7 +32,7 @@ import orjson
 from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
-from fhir_iop.audit import AUDIT_TYPE, Entity, facts, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit import AUDIT_TYPE, Entity, facts, new_id, noted, outcome_for_status, patient_of, record, registry
 from fhir_iop.audit.spool import Spool, spool_dir
 from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
@@ -66,7 +65,7 @@ def request_id() -> str:
     rid = g.get("audit_request_id")
     if rid is None:
         given = request.environ.get("HTTP_X_REQUEST_ID", "")
-        rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else str(uuid.uuid4())
+        rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else new_id()
         g.audit_request_id = rid
     return rid
 
@@ -322,7 +321,7 @@ def events_for(response) -> list[dict]:
     notes = noted()
     body = None
     if status < 400 and not response.is_streamed and response.status_code != 204:
-        body = _json(response.get_data(), response.mimetype)
+        body = _json(response.get_data(), response.headers.get("Content-Type"))
 
     if action == "transaction" and isinstance(body, dict) and body.get("type") in ("transaction-response",
                                                                                     "batch-response"):
@@ -446,6 +445,10 @@ def store_events(store, access, events: list[dict]) -> None:
     that let each Part 2 resource leave (read in that transaction, or, spooled, in a read opened only
     when an outside recipient got labelled resources). Raises when they cannot be recorded."""
     spool = current_spool()
+    if spool is not None and not any(ev.get("_resources") and _needs_consents(access, ev["_resources"])
+                                     for ev in events):  # (the common case: nothing to look up)
+        spool.append([facts(access, **{k: v for k, v in ev.items() if k != "_resources"}) for ev in events])
+        return
     with ExitStack() as stack:
         tx = stack.enter_context(store.transaction()) if spool is None else None
         for ev in events:

@@ -84,6 +84,28 @@ def test_metadata_instantiates_the_published_capability_statement(client):
     assert "413" in cs["rest"][0]["documentation"] and "DOCTYPE" in cs["rest"][0]["documentation"]
 
 
+def test_metadata_is_made_once_per_base_url_and_served_from_memory(client, monkeypatch):
+    from server.routes import metadata
+    made = []
+    real = metadata.capability_statement
+
+    def counting(registry, base):
+        made.append(base)
+        return real(registry, base)
+
+    monkeypatch.setattr(metadata, "capability_statement", counting)
+    first = client.get("/metadata")
+    assert client.get("/metadata").data == first.data
+    other = client.get("/metadata", headers={"Host": "fhir.example.org"})
+    assert client.get("/metadata", headers={"Host": "fhir.example.org"}).data == other.data
+    assert made == ["http://localhost", "http://fhir.example.org"]  # one statement per base URL
+    assert other.json["implementation"]["url"] == "http://fhir.example.org"
+    assert other.json["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"] == \
+        "http://fhir.example.org/auth/token"
+    xml = client.get("/metadata?_format=xml")  # the cached JSON still goes out as XML when asked
+    assert xml.status_code == 200 and xml.data.lstrip().startswith(b"<?xml") and b"CapabilityStatement" in xml.data
+
+
 # -- $validate on an instance -------------------------------------------------------------------------
 
 def issues(resp, status=200):

@@ -38,9 +38,10 @@ Consent that allowed it); the hook also reads what left from the response itself
 from __future__ import annotations
 
 import base64
+import os
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -118,14 +119,26 @@ _OUTGOING = {"read", "vread", "history", "export", "disclose", "push", "emergenc
 _WRITES = {"create", "update", "delete"}
 
 
-@dataclass(frozen=True)
-class Entity:
+class Entity(NamedTuple):
     """A resource that left or was written: ``ref`` ``Type/id``; its patient; the Consent that let it
-    leave (None: no consent needed, or none); ``reason`` the gate's reason (``"emergency"``...)."""
+    leave (None: no consent needed, or none); ``reason`` the gate's reason (``"emergency"``...).
+    (A named tuple: every request makes a few, and a frozen dataclass costs four times as much.)"""
     ref: str
     patient: str | None = None
     consent: str | None = None
     reason: str | None = None
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it, from the same
+    ``os.urandom`` at less than half the cost (each request takes two: its request id and its
+    AuditEvent's id)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+#: the RFC 4122 variant bits (10xx) set on the first hex digit of the fourth group
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def outcome_for_status(status: int) -> int:
@@ -365,7 +378,7 @@ def facts(access: Access | None, action: str, outcome: int, entities: Iterable =
     _check(action, outcome)
     raw = query.encode() if isinstance(query, str) else bytes(query) if query is not None else None
     ents = [_entity_of(e) for e in entities]
-    return {FACTS: 1, "id": str(uuid.uuid4()),
+    return {FACTS: 1, "id": new_id(),
             "recorded": datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds"),
             "access": None if access is None else [access.client_id, access.recipient, access.purpose,
                                                    bool(access.emergency)],

@@ -131,6 +131,7 @@ class ScopeSet:
     def __init__(self, scopes: Iterable[Scope] | str | None, limit: ScopeSet | None = None):
         self.scopes = parse(scopes) if scopes is None or isinstance(scopes, str) else list(scopes)
         self.limit = limit
+        self._perms: dict[str, frozenset[str]] = {}  # rt → perms (a set is never changed once made)
 
     def __repr__(self) -> str:
         return f"ScopeSet({self.text!r})"
@@ -141,12 +142,17 @@ class ScopeSet:
 
     def perms(self, rt: str) -> frozenset[str]:
         """The permission letters granted on resource type ``rt`` ("*": by wildcard scopes only)."""
+        known = self._perms.get(rt)
+        if known is not None:
+            return known
         got: set[str] = set()
         for s in self.scopes:
             if s.context == "system" and s.restriction is None and (s.type == "*" or s.type == rt):
                 got |= s.perms
         if self.limit is not None:
             got &= self.limit.perms(rt)
+        if len(self._perms) < 256:  # (types are few; a bound all the same)
+            self._perms[rt] = frozenset(got)
         return frozenset(got)
 
     def allows(self, rt: str, interaction: str) -> bool:

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from fhir_iop.fhir import r4
 from fhir_iop.store import search
@@ -29,6 +29,7 @@ from fhir_iop.store.engine import WRITE, autocommit, make_engine, upgrade
 from fhir_iop.store.errors import Conflict, Gone, Invalid, NotFound, PreconditionFailed
 from fhir_iop.store.models import INDEX_TABLES, resource, resource_version
 from fhir_iop.store.params import RESOURCE_TYPES, Registry, index_rows, load_registry
+from fhir_iop.store.readers import HeldReaders
 
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TABLES = {"token": INDEX_TABLES["token"], "string": INDEX_TABLES["string"], "date": INDEX_TABLES["date"],
@@ -139,6 +140,8 @@ class Store:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self._reader = autocommit(self.engine, **engine_kwargs)
+        #: the reader connection each thread keeps between reads (fhir_iop.store.readers)
+        self._held = HeldReaders(self._reader)
         self.registry = registry or load_registry()
         #: called (in order) by ``dispose`` before the engine goes: what still has to reach the store
         #: (the facade's audit spool) gets there first
@@ -154,6 +157,7 @@ class Store:
     def dispose(self) -> None:
         while self.on_dispose:
             self.on_dispose.pop(0)()
+        self._held.close()
         if self.cache is not None:
             self.cache.close()
         if self.engine.dialect.name != "sqlite":  # the readers' own pool (engine.autocommit)
@@ -181,8 +185,16 @@ class Store:
             with self.engine.connect() as conn, conn.begin():
                 yield Tx(conn, self.registry, read_only=True)
             return
-        with self._reader.connect() as conn:
+        conn, held = self._held.connection()
+        try:
             yield Tx(conn, self.registry, read_only=True, cache=self.cache)
+        except DBAPIError:
+            if held:  # the connection's state is unknown: the next read gets a fresh one
+                self._held.drop()
+            raise
+        finally:
+            if not held:
+                conn.close()
 
 
 class Tx:
@@ -223,10 +235,18 @@ class Tx:
         sql = None if lock else _CURRENT_SQL.get(self.conn.dialect.name)
         if sql is None:
             return self.conn.execute(_CURRENT_LOCKED if lock else _CURRENT, {"t": rt, "i": rid}).first()
-        cur = self.conn.connection.dbapi_connection.cursor()
+        dbapi_conn = self.conn.connection.dbapi_connection
+        cur = dbapi_conn.cursor()
         try:
             cur.execute(sql, (rt, rid))
             row = cur.fetchone()
+        except self.conn.dialect.dbapi.Error as e:  # as SQLAlchemy would raise it, the connection invalidated if gone
+            dialect = self.conn.dialect
+            gone = dialect.is_disconnect(e, dbapi_conn, cur)
+            if gone:
+                self.conn.invalidate(e)
+            raise DBAPIError.instance(sql, (rt, rid), e, dialect.dbapi.Error, connection_invalidated=gone,
+                                      dialect=dialect) from e
         finally:
             cur.close()
         if row is None:

@@ -29,7 +29,7 @@ def send(result: Result):
     if request.method in ("GET", "HEAD") and status == 200 and s is not None:
         if not_modified(s.version_id, s.last_updated):  # conditional read (If-None-Match, If-Modified-Since)
             return respond(None, 304, result.headers(base_url))
-        if request.args.get("_summary") in SUMMARY_MODES and payload is s.body:  # read/vread ?_summary=
+        if request.query_string and request.args.get("_summary") in SUMMARY_MODES and payload is s.body:  # ?_summary=
             payload = summarize(payload, request.args["_summary"])
     return respond(payload, status, result.headers(base_url))
 
