@@ -32,7 +32,7 @@ import orjson
 from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
-from fhir_iop.audit import AUDIT_TYPE, Entity, facts, new_id, noted, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit import AUDIT_TYPE, Entity, facts, new_id, outcome_for_status, patient_of, record, registry
 from fhir_iop.audit.spool import Spool, spool_dir
 from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
@@ -62,11 +62,12 @@ def _access():
 
 
 def request_id() -> str:
-    rid = g.get("audit_request_id")
+    gg = g._get_current_object()
+    rid = getattr(gg, "audit_request_id", None)
     if rid is None:
         given = request.environ.get("HTTP_X_REQUEST_ID", "")
         rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else new_id()
-        g.audit_request_id = rid
+        gg.audit_request_id = rid
     return rid
 
 
@@ -314,11 +315,11 @@ def _query_of(method: str) -> bytes | None:
 def events_for(response) -> list[dict]:
     """The keyword arguments of :func:`fhir_iop.audit.record` for each AuditEvent of this request."""
     req = request._get_current_object()
+    gg = g._get_current_object()
     method, path, status = req.method, req.path, response.status_code
     action, subtypes, rt, ref = classify(method, path)
-    common = {"network": req.remote_addr, "server": request_root(),
-              "request_id": request_id()}
-    notes = noted()
+    common = {"network": req.remote_addr, "server": request_root(), "request_id": request_id()}
+    notes = dict(getattr(gg, "audit_entities", None) or {})  # (what fhir_iop.audit.note collected)
     body = None
     if status < 400 and not response.is_streamed and response.status_code != 204:
         body = _json(response.get_data(), response.headers.get("Content-Type"))
@@ -340,7 +341,7 @@ def events_for(response) -> list[dict]:
             entities = [Entity(r, _request_patient())]
     if ref and not entities and action in ("read", "vread", "update", "delete"):
         entities = [Entity(ref, _request_patient() if action == "update" else None)]
-    written = g.get("audit_written") or {"count": 0, "refs": {}}
+    written = getattr(gg, "audit_written", None) or _NOTHING_WRITTEN
     if status < 400:
         entities = [Entity(e.ref, e.patient or written["refs"].get(e.ref), e.consent, e.reason) for e in entities]
         if action not in _WRITE_ACTIONS and action not in ("transaction", "batch"):
@@ -421,6 +422,7 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
     return events
 
 
+_NOTHING_WRITTEN = {"count": 0, "refs": {}}
 #: at most this many written resources are listed in one AuditEvent (a $load-iop writes thousands)
 MAX_WRITTEN = 1000
 
@@ -472,10 +474,10 @@ def _needs_consents(access, resources: dict) -> bool:
 
 def audit_response(response):
     """The after-request hook: write the request's AuditEvent(s); a 500 if that fails."""
-    if request.path in UNAUDITED or request.method == "OPTIONS":
+    env = request.environ
+    if env.get("REQUEST_METHOD") == "OPTIONS" or request.path in UNAUDITED:
         return response
     try:
-        from server.app import state
         access = _access()
         try:
             events = events_for(response)
@@ -487,7 +489,7 @@ def audit_response(response):
                        "subtypes": subtypes, "resource_type": rt, "network": request.remote_addr,
                        "server": request_root(), "request_id": request_id(),
                        "description": f"HTTP {response.status_code}; the body could not be read for the audit"}]
-        store_events(state().store, access, events)
+        store_events(current_app.extensions["fhir_iop"].store, access, events)  # (server.app.state())
     except Exception as e:
         log.error("audit failed for request %s (%s %s, status %s): %s", g.get("audit_request_id"), request.method,
                   request.url_rule.rule if request.url_rule else "?", response.status_code, type(e).__name__)

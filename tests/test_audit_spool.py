@@ -327,7 +327,7 @@ def test_spooled_facts_build_exactly_the_auditevent_of_the_request():
     """A request spools ``facts`` (a quarter of the bytes); the shipper's ``from_facts`` gives the very
     AuditEvent ``build`` gives for the same arguments, id and time; what ``build`` would refuse is
     refused at the request, before anything is disclosed."""
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
     cases = [(Access("app-1", recipient="RIVERSIDE-PC", purpose="HPAYMT", emergency=True),
               dict(action="search", outcome=0, entities=[Entity("Encounter/e1", "Patient/p1", "Consent/c1"),
                                                          Entity("Observation/o1", None, None, "emergency")],
@@ -337,11 +337,32 @@ def test_spooled_facts_build_exactly_the_auditevent_of_the_request():
              (None, dict(action="read", outcome=4, entities=["Patient/p9"], query="a=b", description="HTTP 401")),
              (Access("staff"), dict(action="transaction", outcome=12))]
     for access, kw in cases:
+        before = datetime.now(UTC)
         f = orjson.loads(orjson.dumps(facts(access, **kw)))  # (through the spool's JSON)
-        when = datetime.fromisoformat(f["recorded"]).replace(tzinfo=UTC)
+        when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=f["recorded"])
+        assert before - timedelta(milliseconds=1) <= when <= datetime.now(UTC)
         assert from_facts(f) == build(access, **kw, recorded=when, event_id=f["id"])
         assert len(orjson.dumps(f)) < len(orjson.dumps(from_facts(f))) / 2
+        # a line spooled by an earlier version (its time as ISO 8601 text) builds the same AuditEvent
+        older = {**f, "recorded": when.replace(tzinfo=None).isoformat(timespec="microseconds")}
+        assert from_facts(older) == from_facts(f)
     with pytest.raises(ValueError):
         facts(None, action="frobnicate", outcome=0)
     with pytest.raises(ValueError):
         facts(None, action="read", outcome=3)
+
+
+def test_new_ids_are_random_version_4_uuids_as_text():
+    """Request and AuditEvent ids (``fhir_iop.audit.new_id``): what ``str(uuid.uuid4())`` gives, and unique."""
+    import uuid
+
+    from fhir_iop.audit import new_id
+    ids = [new_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    for i in ids[:2000]:
+        u = uuid.UUID(i)
+        assert str(u) == i and u.version == 4 and u.variant == uuid.RFC_4122
+    # every hex digit turns up in every random position (nothing fixed but the version and variant bits)
+    for pos in (0, 9, 15, 20, 35):
+        assert {i[pos] for i in ids} == set("0123456789abcdef")
+    assert {i[19] for i in ids} == set("89ab")

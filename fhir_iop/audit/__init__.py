@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from collections.abc import Iterable
-from typing import NamedTuple
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 from sqlalchemy import insert, text
@@ -379,7 +380,7 @@ def facts(access: Access | None, action: str, outcome: int, entities: Iterable =
     raw = query.encode() if isinstance(query, str) else bytes(query) if query is not None else None
     ents = [_entity_of(e) for e in entities]
     return {FACTS: 1, "id": new_id(),
-            "recorded": datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds"),
+            "recorded": time.time_ns() // 1000,  # microseconds since 1970 (UTC)
             "access": None if access is None else [access.client_id, access.recipient, access.purpose,
                                                    bool(access.emergency)],
             "action": action, "outcome": outcome, "entities": [[e.ref, e.patient, e.consent, e.reason] for e in ents],
@@ -396,8 +397,18 @@ def from_facts(f: dict) -> dict:
     return build(access, f["action"], f["outcome"], [Entity(*e) for e in f["entities"]], f["patients"], f["consents"],
                  None if f["query"] is None else base64.b64decode(f["query"]), f["description"],
                  network=f["network"], server=f["server"], request_id=f["request_id"], subtypes=f["subtypes"],
-                 resource_type=f["resource_type"], recorded=datetime.fromisoformat(f["recorded"]).replace(tzinfo=UTC),
-                 event_id=f["id"])
+                 resource_type=f["resource_type"], recorded=recorded_at(f["recorded"]), event_id=f["id"])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def recorded_at(value: int | str) -> datetime:
+    """The time of spooled facts: microseconds since 1970, or (lines spooled by earlier versions) an
+    ISO 8601 UTC time without offset."""
+    if isinstance(value, int):
+        return _EPOCH + timedelta(microseconds=value)
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def write(conn, event: dict) -> str:

@@ -52,7 +52,15 @@ class Gate:
         self.tx = tx
         self.conn = getattr(tx, "conn", tx)
         self.access = access
-        self.on = on or today()
+        self._on = on
+
+    @property
+    def on(self) -> date:
+        """The day grants are judged on (the site's today unless given), worked out when first needed:
+        most requests are internal and never ask."""
+        if self._on is None:
+            self._on = today()
+        return self._on
 
     # -- what the access may see ------------------------------------------------------------------
 
