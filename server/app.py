@@ -22,6 +22,7 @@ Configuration (``FHIR_IOP_`` environment variables, overridden by ``test_config`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from flask import Flask, current_app, request
 
@@ -41,8 +42,26 @@ class State:
     capability_statements: dict = field(default_factory=dict)
 
 
+class FhirFlask(Flask):
+    """Flask, remembering which views and hooks are plain functions: Flask asks ``inspect`` for each
+    of them on every request (``ensure_sync``), which showed in every request's profile. Every view
+    and hook here is a plain ``def``; an ``async def`` one would still be wrapped, once."""
+
+    def ensure_sync(self, func):
+        known = self._sync.get(func)
+        if known is None:
+            known = super().ensure_sync(func)
+            if len(self._sync) < 1024:  # (a bound method is a new object each time: never many kept)
+                self._sync[func] = known
+        return known
+
+    @cached_property
+    def _sync(self) -> dict:
+        return {}
+
+
 def create_app(test_config: dict | None = None) -> Flask:
-    app = Flask(__name__)
+    app = FhirFlask(__name__)
     app.config.from_mapping(DATABASE_URL=DEFAULT_DATABASE_URL, MIGRATE=True, BASE_URL=None, DEFAULT_COUNT=50,
                             MAX_COUNT=1000, MAPPINGS=None, MAX_CONTENT_LENGTH=64 * 1024 * 1024, READ_CACHE_MB=32)
     app.config.from_prefixed_env("FHIR_IOP")
@@ -89,12 +108,14 @@ _ROOTS: dict[tuple, str] = {}
 def request_root() -> str:
     """``request.url_root`` without its trailing slash, remembered per distinct environ values it is
     made of (at most 64: a client choosing Host headers cannot grow it)."""
-    e = request.environ
+    req = request._get_current_object()  # (one context lookup)
+    e = req.environ
+    trusted = current_app.config.get("TRUSTED_HOSTS")
     key = (e.get("wsgi.url_scheme"), e.get("HTTP_HOST"), e.get("SERVER_NAME"), e.get("SERVER_PORT"),
-           e.get("SCRIPT_NAME"), tuple(current_app.config.get("TRUSTED_HOSTS") or ()))
+           e.get("SCRIPT_NAME"), tuple(trusted) if trusted else ())
     root = _ROOTS.get(key)
     if root is None:
-        root = request.url_root.rstrip("/")
+        root = req.url_root.rstrip("/")
         if len(_ROOTS) >= 64:
             _ROOTS.clear()
         _ROOTS[key] = root

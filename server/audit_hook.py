@@ -53,7 +53,7 @@ bp = Blueprint("audit", __name__)
 # -- who is asking ------------------------------------------------------------------------------------
 
 def _access():
-    a = g.get("access")
+    a = getattr(g._get_current_object(), "access", None)  # (one context lookup)
     if a is not None:
         return a
     if current_app.config.get("INSECURE_NO_AUTH"):
@@ -312,10 +312,11 @@ def _query_of(method: str) -> bytes | None:
     return q
 
 
-def events_for(response) -> list[dict]:
-    """The keyword arguments of :func:`fhir_iop.audit.record` for each AuditEvent of this request."""
-    req = request._get_current_object()
-    gg = g._get_current_object()
+def events_for(response, req=None, gg=None) -> list[dict]:
+    """The keyword arguments of :func:`fhir_iop.audit.record` for each AuditEvent of this request
+    (``req``/``gg``: Flask's request and g, when the caller has them at hand)."""
+    req = req or request._get_current_object()
+    gg = gg or g._get_current_object()
     method, path, status = req.method, req.path, response.status_code
     action, subtypes, rt, ref = classify(method, path)
     common = {"network": req.remote_addr, "server": request_root(), "request_id": request_id()}
@@ -342,12 +343,13 @@ def events_for(response) -> list[dict]:
     if ref and not entities and action in ("read", "vread", "update", "delete"):
         entities = [Entity(ref, _request_patient() if action == "update" else None)]
     written = getattr(gg, "audit_written", None) or _NOTHING_WRITTEN
-    if status < 400:
+    if status < 400 and written["refs"]:
         entities = [Entity(e.ref, e.patient or written["refs"].get(e.ref), e.consent, e.reason) for e in entities]
         if action not in _WRITE_ACTIONS and action not in ("transaction", "batch"):
             entities += [Entity(r, p) for r, p in written["refs"].items() if r not in {e.ref for e in entities}]
+    # (the entities so far carry no consent or reason: with nothing noted, merging would change nothing)
     ev = {"action": action, "outcome": outcome_for_status(status),
-          "entities": _merge(entities, notes) if status < 400 else entities,
+          "entities": _merge(entities, notes) if status < 400 and notes else entities,
           "subtypes": subtypes, "resource_type": rt, **common}
     if status < 400 and written["count"] and action not in _WRITE_ACTIONS:
         ev["description"] = f"{written['count']} resource(s) written" + (
@@ -446,10 +448,12 @@ def store_events(store, access, events: list[dict]) -> None:
     ``AUDIT_SPOOL=off``, written to the store in a transaction of their own. Each names the Consent
     that let each Part 2 resource leave (read in that transaction, or, spooled, in a read opened only
     when an outside recipient got labelled resources). Raises when they cannot be recorded."""
-    spool = current_spool()
+    spool = current_app.extensions.get(SPOOL)  # (current_spool())
     if spool is not None and not any(ev.get("_resources") and _needs_consents(access, ev["_resources"])
                                      for ev in events):  # (the common case: nothing to look up)
-        spool.append([facts(access, **{k: v for k, v in ev.items() if k != "_resources"}) for ev in events])
+        for ev in events:
+            ev.pop("_resources", None)
+        spool.append([facts(access, **ev) for ev in events])
         return
     with ExitStack() as stack:
         tx = stack.enter_context(store.transaction()) if spool is None else None
@@ -474,13 +478,14 @@ def _needs_consents(access, resources: dict) -> bool:
 
 def audit_response(response):
     """The after-request hook: write the request's AuditEvent(s); a 500 if that fails."""
-    env = request.environ
-    if env.get("REQUEST_METHOD") == "OPTIONS" or request.path in UNAUDITED:
+    req = request._get_current_object()
+    if req.environ.get("REQUEST_METHOD") == "OPTIONS" or req.path in UNAUDITED:
         return response
+    gg = g._get_current_object()
     try:
         access = _access()
         try:
-            events = events_for(response)
+            events = events_for(response, req, gg)
         except Exception as e:  # a body this code cannot read: still one AuditEvent, with what the URL says
             log.warning("audit: request %s described from its URL only (%s)", request_id(), type(e).__name__)
             action, subtypes, rt, ref = classify(request.method, request.path)
@@ -498,7 +503,7 @@ def audit_response(response):
         msg = ("the change was stored but could not be audited; the server log names the request"
                if wrote else "the request could not be audited, so nothing was disclosed")
         return respond(outcome(msg, "exception"), 500, {"X-Request-Id": request_id()})
-    response.headers["X-Request-Id"] = request_id()
+    response.headers["X-Request-Id"] = getattr(gg, "audit_request_id", None) or request_id()
     return response
 
 

@@ -97,7 +97,8 @@ def _refuse(status: int, message: str, error: str | None = None):
 
 
 def authorize_request():
-    if current_app.config.get("INSECURE_NO_AUTH"):
+    app = current_app._get_current_object()  # (one context lookup instead of one per attribute)
+    if app.config.get("INSECURE_NO_AUTH"):
         g.access = DEVELOPMENT
         return None
     req = request._get_current_object()  # (one context lookup instead of one per attribute)
@@ -110,7 +111,7 @@ def authorize_request():
         return _refuse(401, "this server needs an access token: Authorization: Bearer <token> "
                             "(SMART Backend Services; see /.well-known/smart-configuration)")
     try:
-        verified = authority().verify(token.strip())
+        verified = app.extensions[EXTENSION].verify(token.strip())  # (authority())
     except InvalidToken as e:
         return _refuse(401, str(e), "invalid_token")
     client = verified.client

@@ -49,10 +49,11 @@ CONTENT_TYPE = {"json": "application/fhir+json; charset=utf-8", "xml": "applicat
 def negotiate() -> str | None:
     """``json`` or ``xml`` as asked for by ``_format`` / ``Accept``; None when nothing we produce is acceptable
     (worked out once per request)."""
-    cached = g.get("fhir_iop_format", False)
+    gg = g._get_current_object()  # (one context lookup)
+    cached = getattr(gg, "fhir_iop_format", False)
     if cached is not False:
         return cached
-    g.fhir_iop_format = found = _negotiate()
+    gg.fhir_iop_format = found = _negotiate()
     return found
 
 
@@ -198,10 +199,10 @@ def respond(body, status: int = 200, headers: dict | None = None, fmt: str | Non
     return Response(data, status=status, headers=headers, content_type=CONTENT_TYPE[fmt])
 
 
-def prefer() -> dict[str, str]:
-    """The ``Prefer`` header as a dict (``return``, ``handling``…)."""
+def prefer(environ: dict | None = None) -> dict[str, str]:
+    """The ``Prefer`` header as a dict (``return``, ``handling``…), of this request or ``environ``."""
     out: dict[str, str] = {}
-    value = request.environ.get("HTTP_PREFER")
+    value = (environ or request.environ).get("HTTP_PREFER")
     if not value:
         return out
     for part in value.split(","):
@@ -211,11 +212,11 @@ def prefer() -> dict[str, str]:
     return out
 
 
-def not_modified(version_id: int, last_updated: datetime) -> bool:
+def not_modified(version_id: int, last_updated: datetime, environ: dict | None = None) -> bool:
     """Conditional read: true when ``If-None-Match`` names the current version (or ``*``), or, without
     it, when nothing changed since ``If-Modified-Since`` (HTTP dates have whole seconds; an unparsable
-    date is ignored, as RFC 9110 says)."""
-    env = request.environ
+    date is ignored, as RFC 9110 says). Of this request or ``environ``."""
+    env = environ or request.environ
     inm = env.get("HTTP_IF_NONE_MATCH")
     if inm is not None:
         tags = {t.strip().removeprefix("W/").strip('"') for t in inm.split(",")}

@@ -378,12 +378,11 @@ def facts(access: Access | None, action: str, outcome: int, entities: Iterable =
     what ``build`` would refuse, so nothing is spooled that cannot be stored."""
     _check(action, outcome)
     raw = query.encode() if isinstance(query, str) else bytes(query) if query is not None else None
-    ents = [_entity_of(e) for e in entities]
     return {FACTS: 1, "id": new_id(),
             "recorded": time.time_ns() // 1000,  # microseconds since 1970 (UTC)
             "access": None if access is None else [access.client_id, access.recipient, access.purpose,
                                                    bool(access.emergency)],
-            "action": action, "outcome": outcome, "entities": [[e.ref, e.patient, e.consent, e.reason] for e in ents],
+            "action": action, "outcome": outcome, "entities": [list(_entity_of(e)) for e in entities],
             "patients": list(patients), "consents": list(consents),
             "query": None if raw is None else base64.b64encode(raw).decode(), "description": description,
             "network": network, "server": server, "request_id": request_id, "subtypes": list(subtypes),

@@ -21,15 +21,17 @@ bp = Blueprint("resources", __name__)
 
 def send(result: Result):
     """A Result as an HTTP response, honouring ``Prefer: return=``."""
-    payload = result.payload(prefer().get("return"))
+    req = request._get_current_object()  # (one context lookup)
+    env = req.environ
+    payload = result.payload(prefer(env).get("return"))
     status = result.status
     if payload is not None and status == 204:
         status = 200
     s = result.stored
-    if request.method in ("GET", "HEAD") and status == 200 and s is not None:
-        if not_modified(s.version_id, s.last_updated):  # conditional read (If-None-Match, If-Modified-Since)
+    if req.method in ("GET", "HEAD") and status == 200 and s is not None:
+        if not_modified(s.version_id, s.last_updated, env):  # conditional read (If-None-Match, If-Modified-Since)
             return respond(None, 304, result.headers(base_url))
-        if request.query_string and request.args.get("_summary") in SUMMARY_MODES and payload is s.body:  # ?_summary=
+        if env.get("QUERY_STRING") and req.args.get("_summary") in SUMMARY_MODES and payload is s.body:  # ?_summary=
             payload = summarize(payload, request.args["_summary"])
     return respond(payload, status, result.headers(base_url))
 
