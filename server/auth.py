@@ -118,9 +118,7 @@ def authorize_request():
     asked = env.get(EMERGENCY_ENVIRON, "").strip().lower()
     emergency = asked in ("true", "1", "yes") and client.emergency_allowed
     # who asked is known from here on, refused or not (the audit trail records it)
-    g.access = access = Access(client_id=client.client_id, recipient=client.recipient,
-                               purpose="ETREAT" if emergency else client.purpose, emergency=emergency,
-                               scopes=verified.scopes, admin=client.admin)
+    g.access = access = _access_of(verified, emergency)
     if asked not in ("", "false", "0", "no", "true", "1", "yes"):
         return _refuse(403, f"{EMERGENCY_HEADER} takes true or false")
     if asked in ("true", "1", "yes") and not emergency:
@@ -138,6 +136,26 @@ def authorize_request():
     except FhirHttpError as e:
         return _refuse(e.status, str(e))
     return None
+
+
+#: (id of a Verified, emergency) → (that Verified, its Access): the token cache hands out the same
+#: Verified object while it holds (``CLIENT_CACHE_SECONDS``), so its Access is made once, not per request
+_ACCESSES: dict[tuple[int, bool], tuple[object, Access]] = {}
+
+
+def _access_of(verified, emergency: bool) -> Access:
+    key = (id(verified), emergency)
+    hit = _ACCESSES.get(key)
+    if hit is not None and hit[0] is verified:
+        return hit[1]
+    client = verified.client
+    access = Access(client_id=client.client_id, recipient=client.recipient,
+                    purpose="ETREAT" if emergency else client.purpose, emergency=emergency,
+                    scopes=verified.scopes, admin=client.admin)
+    if len(_ACCESSES) >= 1024:
+        _ACCESSES.clear()
+    _ACCESSES[key] = (verified, access)
+    return access
 
 
 def required(endpoint: str, view_args: dict):

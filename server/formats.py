@@ -196,7 +196,8 @@ def respond(body, status: int = 200, headers: dict | None = None, fmt: str | Non
             fmt, data = "json", orjson.dumps(value)
     else:
         data = body.encode() if isinstance(body, str) else body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(data, status=status, headers=headers, content_type=CONTENT_TYPE[fmt])
+    headers["Content-Type"] = CONTENT_TYPE[fmt]
+    return Response(data, status, headers)
 
 
 def prefer(environ: dict | None = None) -> dict[str, str]:
