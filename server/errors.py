@@ -1,8 +1,9 @@
 """One error handler: whatever goes wrong leaves as an OperationOutcome with its HTTP status.
 
 Store errors carry their status (404, 409, 410, 412, 422, 400); werkzeug's HTTP errors (404 for an
-unknown path, 405 for a method a path does not take, 415…) keep theirs; anything else is a 500
-whose details go to the log, not to the client.
+unknown path, 405 for a method a path does not take, 415…) keep theirs; a database that cannot be
+reached or is busy is a 503 with ``Retry-After``; anything else is a 500 whose details go to the log,
+not to the client.
 """
 
 from __future__ import annotations
@@ -47,7 +48,34 @@ def error_outcome(e: BaseException) -> tuple[int, dict]:
         return status, outcome(message, HTTP_CODES.get(status, "processing"))
     if isinstance(e, FhirIopError):
         return 400, outcome(str(e), "invalid")
+    if unavailable(e):
+        return 503, outcome("the store is unavailable for the moment; nothing was changed by this request "
+                            "(a transaction rolls back whole): try again shortly", "transient")
     return 500, outcome("internal server error; the server log has the details", "exception")
+
+
+#: seconds a client is asked to wait after a 503 (``Retry-After``)
+RETRY_AFTER = 5
+
+
+def unavailable(e: BaseException) -> bool:
+    """The database cannot be reached or is busy, as against a fault in a statement: a connection
+    lost or refused, the pool exhausted, PostgreSQL's connection-level errors (OperationalError:
+    refused, terminated, too many clients; statement faults are other classes), SQLite's
+    "database is locked" after its busy timeout."""
+    from sqlalchemy import exc
+    if isinstance(e, exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(e, exc.DBAPIError):
+        return False
+    if e.connection_invalidated or isinstance(e, exc.InterfaceError):
+        return True
+    if not isinstance(e, exc.OperationalError):
+        return False
+    if type(e.orig).__module__.startswith("psycopg"):
+        return True
+    text = str(e.orig).lower()
+    return "locked" in text or "busy" in text or "unable to open" in text
 
 
 def init_app(app: Flask) -> None:
@@ -55,9 +83,13 @@ def init_app(app: Flask) -> None:
     def handle(e: Exception):
         from server.formats import respond
         status, oo = error_outcome(e)
-        if status >= 500:
+        if status == 503:
+            current_app.logger.warning("the store is unavailable (%s): 503", type(e).__name__)
+        elif status >= 500:
             current_app.logger.exception("unhandled error", exc_info=e)
         headers = {}
+        if status == 503:
+            headers["Retry-After"] = str(RETRY_AFTER)
         if isinstance(e, HTTPException) and status == 405 and e.valid_methods:
             headers["Allow"] = ", ".join(e.valid_methods)
         return respond(oo, status, headers)

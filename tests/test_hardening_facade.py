@@ -297,3 +297,54 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+# -- an unavailable store: 503 with Retry-After, not a 500 ---------------------------------------------
+
+def test_which_database_errors_mean_unavailable():
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import exc
+
+    from server.errors import error_outcome
+
+    def wrapped(cls, orig, **kw):
+        return cls("SELECT 1", {}, orig, **kw)
+
+    assert error_outcome(wrapped(exc.OperationalError, sqlite3.OperationalError("database is locked")))[0] == 503
+    assert error_outcome(wrapped(exc.OperationalError, psycopg.OperationalError("connection refused")))[0] == 503
+    assert error_outcome(wrapped(exc.InterfaceError, psycopg.InterfaceError("the connection is closed")))[0] == 503
+    assert error_outcome(wrapped(exc.OperationalError, sqlite3.OperationalError("x"),
+                                 connection_invalidated=True))[0] == 503
+    assert error_outcome(exc.TimeoutError("QueuePool limit reached"))[0] == 503
+    status, oo = error_outcome(wrapped(exc.OperationalError, psycopg.OperationalError("terminating connection")))
+    assert oo["issue"][0]["code"] == "transient"
+    # faults in a statement or the schema are the server's own errors
+    assert error_outcome(wrapped(exc.OperationalError, sqlite3.OperationalError("no such table: resource")))[0] == 500
+    assert error_outcome(wrapped(exc.IntegrityError, sqlite3.IntegrityError("UNIQUE constraint failed")))[0] == 500
+    assert error_outcome(wrapped(exc.ProgrammingError, psycopg.ProgrammingError("syntax error")))[0] == 500
+
+
+def test_a_lost_database_connection_is_a_503_and_the_next_request_is_served(app, client):
+    """PostgreSQL terminates the connection a worker reads on: that request gets 503 with Retry-After
+    and an OperationOutcome (the audit trail still records it); the next one is served on a new
+    connection."""
+    from sqlalchemy import text
+    store = app.extensions["fhir_iop"].store
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("a server that drops connections: PostgreSQL")
+    created = client.post("/Patient", json=PATIENT, headers={"Content-Type": FHIR_JSON})
+    assert created.status_code == 201
+    rid = created.json["id"]
+    with store.reading() as tx:  # (the test client serves requests on this thread: the same held connection)
+        backend = tx.conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    with store.engine.connect() as c:
+        c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": backend})
+        c.commit()
+    lost = client.get(f"/Patient/{rid}", headers={"Cache-Control": "no-cache"})  # (past the read cache)
+    assert lost.status_code == 503, lost.get_data(as_text=True)[:300]
+    assert lost.headers["Retry-After"] == "5"
+    assert lost.json["resourceType"] == "OperationOutcome" and lost.json["issue"][0]["code"] == "transient"
+    again = client.get(f"/Patient/{rid}", headers={"Cache-Control": "no-cache"})
+    assert again.status_code == 200 and again.json["id"] == rid
