@@ -107,6 +107,29 @@ def test_a_revoked_consent_stops_what_waits_and_a_new_one_releases_it(store, ehr
     assert push(store, store.conn) == {"sent": 2}
 
 
+def test_a_consent_that_starts_later_releases_what_waits_on_its_first_day(store, ehr, monkeypatch):
+    """A consent written today with tomorrow's start date: today the gate refuses and the messages are
+    withheld (and not decided again today); on the first push of tomorrow they are decided again and
+    sent. Without the daily re-decision they would wait for the next Consent write or a replay."""
+    from fhir_iop.disclosure import gate
+    encs = encounters(CONSENTED, 2)
+    load(store, encs)
+    tomorrow = today() + timedelta(days=1)
+    consent = next(c for c in of_type("Consent") if c["identifier"][0]["value"] == "CNS000001")
+    later = orjson.loads(orjson.dumps(consent))
+    for p in later["provision"]["provision"]:
+        p["period"]["start"] = tomorrow.isoformat()
+    load(store, [later])
+    assert push(store, store.conn) == {"withheld": 2}
+    assert push(store, store.conn) == {}  # the same day: not decided again
+    assert ehr.requests == []
+    monkeypatch.setattr(gate, "today", lambda: tomorrow)  # the site's next day…
+    next_day = now() + timedelta(days=1)
+    assert push(store, store.conn, at=lambda: next_day) == {"sent": 2}
+    assert push(store, store.conn, at=lambda: next_day) == {}
+    assert {r.state for r in rows(store)} == {"sent"}
+
+
 def test_a_revoked_consent_is_withheld_for_that_recipient(store, ehr):
     conn = connections(name="bayshore", recipient=BAYSHORE, resources={"Encounter": "push"})["bayshore"]
     configure({"bayshore": conn})

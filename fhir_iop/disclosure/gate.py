@@ -42,9 +42,14 @@ class Decision:
     reason: str  # internal, not labelled, consent, emergency, withheld
 
 
+def site_timezone() -> ZoneInfo:
+    """The site's time zone (``site.json``), where its calendar days begin and end."""
+    return ZoneInfo(context().settings.timezone)
+
+
 def today() -> date:
     """The site's calendar day."""
-    return datetime.now(ZoneInfo(context().settings.timezone)).date()
+    return datetime.now(site_timezone()).date()
 
 
 class Gate:

@@ -15,7 +15,9 @@ the message commits or rolls back with the resource itself: nothing is lost betw
   EHR always ends with the newest version.
 * **Withheld messages** (the Part 2 gate refused them at send time) are re-evaluated when a Consent
   is written (any Consent, by any origin: all withheld messages go back to ``pending``, cheap
-  through the state index; the gate decides again when they are claimed) and by ``replay``.
+  through the state index; the gate decides again when they are claimed), by ``replay``, and once
+  a day (:func:`reopen_withheld_before`, at the start of each push run): a consent written with a
+  future start date lets them go on the day it comes into force.
 * Configuration: :func:`configure` with the connections (the CLI and the server do that), else
   the file named by ``FHIR_IOP_SYNC_CONFIG``, loaded once. With no connection that pushes, the hook
   returns after one dictionary lookup.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, time
 
 from sqlalchemy import and_, insert, select, update
 
@@ -119,6 +122,26 @@ def reopen_withheld(conn, connection: str | None = None) -> int:
         stmt = stmt.where(sync_outbox.c.connection == connection)
     t = now()
     return conn.execute(stmt.values(state=PENDING, next_attempt_at=t, updated_at=t)).rowcount
+
+
+def reopen_withheld_before(store, connection: str, at: datetime) -> int:
+    """Withheld messages of ``connection`` last decided before the site's day of ``at`` (UTC) go back
+    to pending, so the gate decides them again on each new day: a grant that starts today lets them
+    go; one still refused is withheld again and waits for the next day (or the next Consent write).
+    At most one decision per message per day; a read first, so a run with nothing to reopen writes
+    nothing."""
+    from fhir_iop.disclosure.gate import site_timezone
+    tz = site_timezone()
+    day = at.replace(tzinfo=UTC).astimezone(tz).date()
+    day_start = datetime.combine(day, time.min, tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
+    stale = and_(sync_outbox.c.connection == connection, sync_outbox.c.state == WITHHELD,
+                 sync_outbox.c.updated_at < day_start)
+    with store.reading() as tx:
+        if tx.conn.execute(select(sync_outbox.c.id).where(stale).limit(1)).first() is None:
+            return 0
+    with store.transaction() as tx:
+        return tx.conn.execute(update(sync_outbox).where(stale)
+                               .values(state=PENDING, next_attempt_at=at, updated_at=at)).rowcount
 
 
 def hook(tx, rid_pk: int, rt: str, rid: str, res: dict | None) -> None:

@@ -15,7 +15,8 @@ One message at a time (:func:`push`):
    purpose=<connection.purpose>)).decide(...)`` must allow it (a connection without ``recipient``
    gets no Part 2 data at all: it is never taken for the program itself). A refused message is not sent: it
    becomes ``withheld`` with the gate's reason. Withheld messages are decided again when any
-   Consent is written (the outbox hook reopens them) and by ``replay --state withheld``; a consent
+   Consent is written (the outbox hook reopens them), on the first run of each site day (a consent
+   with a future start comes into force) and by ``replay --state withheld``; a consent
    revoked while messages wait stops them at the next claim, because the gate runs at send time.
 3. **Send** by conditional update on the resource's identifier, ``PUT [type]?identifier=system|value``
    (one request per message, no transaction Bundle: one message's refusal or dead letter never
@@ -69,7 +70,7 @@ from sqlalchemy import and_, exists, func, insert, or_, select, update
 from fhir_iop.security.access import Access
 from fhir_iop.store.models import sync_outbox, sync_run
 from fhir_iop.store.repository import now
-from fhir_iop.sync.outbox import DEAD, INFLIGHT, PENDING, SENT, STATES, WITHHELD
+from fhir_iop.sync.outbox import DEAD, INFLIGHT, PENDING, SENT, STATES, WITHHELD, reopen_withheld_before
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,7 @@ def push(store, connection, client=None, worker: str | None = None, limit: int |
     client = client or EhrClient(connection)
     run_id = None  # a run is recorded once it has something to do (an idle loop writes nothing)
     last_error = None
+    reopen_withheld_before(store, connection.name, at())  # a new day: a consent may have come into force
     try:
         while limit is None or sum(counts.values()) < limit:
             batch = opts.batch if limit is None else min(opts.batch, limit - sum(counts.values()))
