@@ -131,7 +131,8 @@ def capability_statement(registry: Registry, base: str) -> dict:
                              "a body over the configured size gets 413; JSON nested deeper than 100 levels, with a name twice in one object or with "
                              "control characters in strings gets 400; XML with a DOCTYPE or entity declaration "
                              "gets 400; a body that is not FHIR JSON or XML gets 415; an Accept or _format "
-                             "asking for neither gets 406.",
+                             "asking for neither gets 406. A database that cannot be reached or is busy gets 503 "
+                             "with Retry-After (nothing was changed).",
             "resource": [_resource(registry, rt) for rt in RESOURCE_TYPES] + [audit_capability()],
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "searchParam": [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],
