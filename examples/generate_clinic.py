@@ -48,8 +48,13 @@ nothing after the last day is known yet. Sessions, doses and screens before ``st
 the extract (orders, plans and consents written earlier are, as current records).
 Datetimes carry the site's UTC offset (-05:00, or -04:00 once daylight saving time starts).
 
-Not generated: ``referrals.csv`` and ``outside_medications.csv`` in ``examples/clinic/`` are written by
-hand (records that come from referring providers' EHRs); a generated run leaves them out.
+Referrals and outside medications (records that come from referring providers' EHRs) draw from a
+random stream of their own too: a referral for each client sent by a referrer (primary care, a
+hospital or emergency department, a residential or partial-hospitalization program, a court, an
+employer), none for self and family referrals; a stopped outside oral naltrexone for some
+substance-use clients and an active outside buprenorphine/naloxone for some psychiatric clients who
+also use opioids. ``examples/clinic/`` keeps its hand-written ``referrals.csv`` and
+``outside_medications.csv`` (the tests name those records).
 
 Records are written as they are made (CSV through ``csv.writer``, or NDJSON through orjson): memory
 holds one small plan per enrollment (the group rosters), never sessions, attendance, doses, screens
@@ -127,6 +132,30 @@ REFERRALS = {
                 "emergency-department": 8, "employer": 4},
 }
 STEP_DOWN_FROM = {"residential-step-down", "php-step-down", "hospital", "emergency-department"}
+
+#: who writes the referral, by referral source: (practitioner or None, organization); self and family
+#: referrals, and the clinic's own transfers, come without one. Names are the example's own.
+REFERRERS = {
+    "primary-care": [("Dana Whitfield MD", "Shore Family Medicine"), ("Priya Raman DO", "Riverside Primary Care"),
+                     ("Marcus Oyelaran MD", "Bayshore Family Health Center")],
+    "hospital": [("Helen Kowalczyk MD", "Jersey Shore University Medical Center"),
+                 (None, "Monmouth Medical Center Behavioral Health")],
+    "emergency-department": [(None, "Jersey Shore Medical Center Emergency Department"),
+                             ("Omar Haddad MD", "Riverview Medical Center Emergency Department")],
+    "residential-step-down": [(None, "Seabrook Residential Treatment"), (None, "Pine Ridge Recovery Residence")],
+    "php-step-down": [(None, "Oceanview Partial Hospitalization Program"),
+                      ("Lena Brooks LCSW", "Coastal Behavioral Health PHP")],
+    "court": [(None, "Monmouth County Drug Court"), (None, "Ocean County Probation")],
+    "employer": [(None, "Shore Employee Assistance Program")],
+    "other": [(None, "Monmouth County Department of Human Services")],
+}
+#: a referral's reason in words, by ICD-10-CM category (as the referrer would write it)
+REASON_TEXT = {"F11": "opioid use", "F10": "alcohol use", "F19": "polysubstance use",
+               "F99": "worsening depression and anxiety"}
+#: outside medications (another provider prescribed them; RxNorm codes from shared/reference/domain-codes.md):
+#: (medication as written, RxNorm, dosage)
+OUTSIDE_NALTREXONE = ("naltrexone hydrochloride 50 MG Oral Tablet", "1483744", "50 mg by mouth once a day")
+OUTSIDE_BUP_NAL = ("buprenorphine 8 MG / naloxone 2 MG Sublingual Tablet", "351267", "1 tablet sublingual once a day")
 
 PAYERS = [  # payer_id, payer_name, weight, member id
     ("NJMCD", "NJ Medicaid", 35, lambda r: str(r.randrange(10**11, 10**12))),
@@ -408,7 +437,8 @@ def generate(out_dir: Path, clients: int = 25, weeks: int = 10, seed: int = 2026
         raise ValueError(f"start {start} is not a Monday")
     out = Files(Path(out_dir), fmt)
     try:
-        Clinic(random.Random(seed), out, clients, weeks, start, random.Random(f"{seed}/care")).run()
+        Clinic(random.Random(seed), out, clients, weeks, start, random.Random(f"{seed}/care"),
+               random.Random(f"{seed}/referrals")).run()
     finally:
         out.close()
     return dict(out.counts)
@@ -416,10 +446,12 @@ def generate(out_dir: Path, clients: int = 25, weeks: int = 10, seed: int = 2026
 
 class Clinic:
     def __init__(self, rng: random.Random, out: Files, clients: int, weeks: int, start: date,
-                 care_rng: random.Random):
+                 care_rng: random.Random, referral_rng: random.Random | None = None):
         self.rng, self.out, self.clients, self.weeks, self.start = rng, out, clients, weeks, start
         self.last_day = start + timedelta(weeks=weeks, days=-1)
         self.care_rng = care_rng
+        self.referral_rng = referral_rng or random.Random("referrals")
+        self.referrals = self.outside_medications = 0
         self.groups = {(p, t): n_groups(clients, p, t) for p in PROGRAMS for t in TRACKS}
         self.rosters = {(p, t, g): [] for (p, t), n in self.groups.items() for g in range(n)}
         self.joined = dict.fromkeys(self.groups, 0)    # clients per program and track so far
@@ -475,6 +507,8 @@ class Clinic:
                    level_history=[{"level": lv, "since": d} for lv, d in c["levels"]],
                    admitted_on=c["admitted"], discharged_on=c["discharged"],
                    discharge_reason=c["reason"], diagnoses=diagnoses(rng, program))
+        if not transferred_in:
+            self.referred(mrn, program, referred, c, row["diagnoses"])
         if c["admitted"] is None:  # not admitted yet: no counsellor, team or schedule
             self.out.write("enrollments", **row)
             return c
@@ -500,6 +534,43 @@ class Clinic:
         self.care.enrollment(eid, mrn, program, c, row["diagnoses"], primary, team, plan, track, family_contact,
                              nurse, payer)
         return c
+
+    def referred(self, mrn: str, program: str, referred: date, c: dict, dx: list[str]) -> None:
+        """The referral that brought the client (from a referrer with an EHR: not self, family or the
+        clinic's own transfer) and the medications another provider had prescribed: a stopped oral
+        naltrexone for some clients with alcohol or opioid use, an active buprenorphine/naloxone from
+        primary care for some psychiatric clients who also use opioids. Its own random stream."""
+        rng = self.referral_rng
+        who = REFERRERS.get(c["source"])
+        practitioner = None
+        if who:
+            practitioner, organization = rng.choice(who)
+            self.referrals += 1
+            reason = REASON_TEXT.get(dx[0][:3], "substance use")
+            self.out.write("referrals", referral_id=f"R{self.referrals:06d}", client_mrn=mrn,
+                           status="completed" if c["admitted"] is not None else "active", requested_on=referred,
+                           program_id=program, level=c["levels"][0][0], referring_practitioner=practitioner,
+                           referring_organization=organization, reason_icd10cm=dx[:1], reason_text=reason,
+                           note=rng.choice((None, None, "Please call to schedule intake.",
+                                            "Client agrees to IOP; family supportive.")))
+        prescribes = c["source"] in ("primary-care", "hospital") and practitioner  # (a court prescribes nothing)
+        prescriber = f"{practitioner} ({organization})" if prescribes else None
+        if program == "SUD-IOP" and dx[0][:3] in ("F10", "F11") and rng.random() < 0.15:
+            medication, rxnorm, dosage = OUTSIDE_NALTREXONE
+            began = referred - timedelta(days=rng.randint(60, 180))
+            self.outside(mrn, medication, rxnorm, "stopped", began, referred - timedelta(days=rng.randint(7, 45)),
+                         dosage, prescriber, referred)
+        elif program == "PSY-IOP" and any(d[:3] == "F11" for d in dx) and rng.random() < 0.5:
+            medication, rxnorm, dosage = OUTSIDE_BUP_NAL
+            pcp, practice = rng.choice(REFERRERS["primary-care"])  # office-based buprenorphine from primary care
+            self.outside(mrn, medication, rxnorm, "active", referred - timedelta(days=rng.randint(30, 400)), None,
+                         dosage, f"{pcp} ({practice})", referred)
+
+    def outside(self, mrn, medication, rxnorm, status, began, ended, dosage, prescriber, recorded) -> None:
+        self.outside_medications += 1
+        self.out.write("outside_medications", outside_medication_id=f"OM{self.outside_medications:06d}",
+                       client_mrn=mrn, medication=medication, rxnorm=rxnorm, status=status, start=began, end=ended,
+                       dosage=dosage, prescriber=prescriber, recorded_on=recorded)
 
     def book(self, counselor: str, kind: str, slots: int, first: date, last: date) -> int:
         """The first of the counsellor's weekly slots free from ``first`` to ``last``."""
