@@ -38,7 +38,7 @@ from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
 from fhir_iop.store import NotFound, search
 from fhir_iop.store.models import resource
-from server.app import request_root
+from server.app import request_root, state
 from server.errors import FhirHttpError, outcome
 
 log = logging.getLogger("fhir_iop.audit")
@@ -109,7 +109,7 @@ def audit_search_post():
 
 def _search(params):
     from server import bundles
-    from server.app import base_url, state
+    from server.app import base_url
     from server.formats import prefer, respond
     s = state()
     q = search.parse(registry(), AUDIT_TYPE, params, strict=prefer().get("handling") == "strict",
@@ -148,7 +148,6 @@ def audit_other(rest: str):
 
 
 def _read(rid: str):
-    from server.app import state
     from server.formats import http_date, respond
     drain()
     with state().store.reading() as tx:
@@ -424,6 +423,7 @@ def _bundle_events(body: dict, notes: dict[str, Entity], common: dict) -> list[d
     return events
 
 
+#: what a request that wrote nothing has in place of ``g.audit_written`` (read only)
 _NOTHING_WRITTEN = {"count": 0, "refs": {}}
 #: at most this many written resources are listed in one AuditEvent (a $load-iop writes thousands)
 MAX_WRITTEN = 1000
@@ -448,7 +448,7 @@ def store_events(store, access, events: list[dict]) -> None:
     ``AUDIT_SPOOL=off``, written to the store in a transaction of their own. Each names the Consent
     that let each Part 2 resource leave (read in that transaction, or, spooled, in a read opened only
     when an outside recipient got labelled resources). Raises when they cannot be recorded."""
-    spool = current_app.extensions.get(SPOOL)  # (current_spool())
+    spool = current_spool()
     if spool is not None and not any(ev.get("_resources") and _needs_consents(access, ev["_resources"])
                                      for ev in events):  # (the common case: nothing to look up)
         for ev in events:
@@ -494,7 +494,7 @@ def audit_response(response):
                        "subtypes": subtypes, "resource_type": rt, "network": request.remote_addr,
                        "server": request_root(), "request_id": request_id(),
                        "description": f"HTTP {response.status_code}; the body could not be read for the audit"}]
-        store_events(current_app.extensions["fhir_iop"].store, access, events)  # (server.app.state())
+        store_events(state().store, access, events)
     except Exception as e:
         log.error("audit failed for request %s (%s %s, status %s): %s", g.get("audit_request_id"), request.method,
                   request.url_rule.rule if request.url_rule else "?", response.status_code, type(e).__name__)

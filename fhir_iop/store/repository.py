@@ -179,8 +179,9 @@ class Store:
 
     @contextmanager
     def reading(self, snapshot: bool = False) -> Iterator[Tx]:
-        """Reads: each statement in autocommit mode, or all in one read transaction (``snapshot``;
-        needed to stream with a server-side cursor)."""
+        """Reads: each statement in autocommit mode, on the calling thread's reader connection
+        (``fhir_iop.store.readers``), or all in one read transaction (``snapshot``; needed to stream
+        with a server-side cursor)."""
         if snapshot:
             with self.engine.connect() as conn, conn.begin():
                 yield Tx(conn, self.registry, read_only=True)
@@ -240,7 +241,8 @@ class Tx:
         try:
             cur.execute(sql, (rt, rid))
             row = cur.fetchone()
-        except self.conn.dialect.dbapi.Error as e:  # as SQLAlchemy would raise it, the connection invalidated if gone
+        except self.conn.dialect.dbapi.Error as e:
+            # raised as SQLAlchemy raises its own, the connection invalidated when it is gone
             dialect = self.conn.dialect
             gone = dialect.is_disconnect(e, dbapi_conn, cur)
             if gone:
