@@ -32,7 +32,7 @@ import orjson
 from flask import Blueprint, Flask, current_app, g, request
 from sqlalchemy import select
 
-from fhir_iop.audit import AUDIT_TYPE, Entity, facts, new_id, outcome_for_status, patient_of, record, registry
+from fhir_iop.audit import AUDIT_TYPE, Entity, facts, new_id, noted, outcome_for_status, patient_of, record, registry
 from fhir_iop.audit.spool import Spool, spool_dir
 from fhir_iop.audit.logs import install as install_log_filters
 from fhir_iop.security.access import DEVELOPMENT
@@ -319,7 +319,7 @@ def events_for(response, req=None, gg=None) -> list[dict]:
     method, path, status = req.method, req.path, response.status_code
     action, subtypes, rt, ref = classify(method, path)
     common = {"network": req.remote_addr, "server": request_root(), "request_id": request_id()}
-    notes = dict(getattr(gg, "audit_entities", None) or {})  # (what fhir_iop.audit.note collected)
+    notes = noted(gg)
     body = None
     if status < 400 and not response.is_streamed and response.status_code != 204:
         body = _json(response.get_data(), response.headers.get("Content-Type"))

@@ -187,10 +187,15 @@ def note(ref: str, patient: str | None = None, consent: str | None = None, reaso
                         reason or (old.reason if old else None))
 
 
-def noted() -> dict[str, Entity]:
-    """What :func:`note` collected in this request (ref → Entity)."""
-    from flask import g, has_request_context
-    return dict(g.get("audit_entities") or {}) if has_request_context() else {}
+def noted(gg=None) -> dict[str, Entity]:
+    """What :func:`note` collected in this request (ref → Entity); ``gg``: Flask's ``g`` of the
+    request, when the caller has it at hand."""
+    if gg is None:
+        from flask import g, has_request_context
+        if not has_request_context():
+            return {}
+        gg = g._get_current_object()
+    return dict(getattr(gg, "audit_entities", None) or {})
 
 
 # -- the AuditEvent ---------------------------------------------------------------------------------
