@@ -12,7 +12,7 @@ from fhir_iop.security.access import DEVELOPMENT, Access
 
 
 def current_access() -> Access:
-    access = getattr(g._get_current_object(), "access", None)  # (one context lookup)
+    access = g._get_current_object().get("access")  # (one context lookup)
     if access is not None:
         return access
     if current_app.config.get("INSECURE_NO_AUTH"):

@@ -53,7 +53,7 @@ bp = Blueprint("audit", __name__)
 # -- who is asking ------------------------------------------------------------------------------------
 
 def _access():
-    a = getattr(g._get_current_object(), "access", None)  # (one context lookup)
+    a = g._get_current_object().get("access")  # (one context lookup)
     if a is not None:
         return a
     if current_app.config.get("INSECURE_NO_AUTH"):
@@ -61,11 +61,13 @@ def _access():
     return None
 
 
-def request_id() -> str:
-    gg = g._get_current_object()
-    rid = getattr(gg, "audit_request_id", None)
+def request_id(gg=None, environ: dict | None = None) -> str:
+    """This request's id: the client's ``X-Request-Id`` when it is a plausible one, else a new UUID
+    (``gg``/``environ``: Flask's g and the WSGI environ, when the caller has them at hand)."""
+    gg = gg or g._get_current_object()
+    rid = gg.get("audit_request_id")
     if rid is None:
-        given = request.environ.get("HTTP_X_REQUEST_ID", "")
+        given = (environ or request.environ).get("HTTP_X_REQUEST_ID", "")
         rid = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else new_id()
         gg.audit_request_id = rid
     return rid
@@ -318,7 +320,7 @@ def events_for(response, req=None, gg=None) -> list[dict]:
     gg = gg or g._get_current_object()
     method, path, status = req.method, req.path, response.status_code
     action, subtypes, rt, ref = classify(method, path)
-    common = {"network": req.remote_addr, "server": request_root(), "request_id": request_id()}
+    common = {"network": req.remote_addr, "server": request_root(), "request_id": request_id(gg, req.environ)}
     notes = noted(gg)
     body = None
     if status < 400 and not response.is_streamed and response.status_code != 204:
@@ -341,7 +343,7 @@ def events_for(response, req=None, gg=None) -> list[dict]:
             entities = [Entity(r, _request_patient())]
     if ref and not entities and action in ("read", "vread", "update", "delete"):
         entities = [Entity(ref, _request_patient() if action == "update" else None)]
-    written = getattr(gg, "audit_written", None) or _NOTHING_WRITTEN
+    written = gg.get("audit_written") or _NOTHING_WRITTEN
     if status < 400 and written["refs"]:
         entities = [Entity(e.ref, e.patient or written["refs"].get(e.ref), e.consent, e.reason) for e in entities]
         if action not in _WRITE_ACTIONS and action not in ("transaction", "batch"):
@@ -503,7 +505,7 @@ def audit_response(response):
         msg = ("the change was stored but could not be audited; the server log names the request"
                if wrote else "the request could not be audited, so nothing was disclosed")
         return respond(outcome(msg, "exception"), 500, {"X-Request-Id": request_id()})
-    response.headers["X-Request-Id"] = getattr(gg, "audit_request_id", None) or request_id()
+    response.headers["X-Request-Id"] = gg.get("audit_request_id") or request_id(gg, req.environ)
     return response
 
 

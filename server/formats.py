@@ -50,7 +50,7 @@ def negotiate() -> str | None:
     """``json`` or ``xml`` as asked for by ``_format`` / ``Accept``; None when nothing we produce is acceptable
     (worked out once per request)."""
     gg = g._get_current_object()  # (one context lookup)
-    cached = getattr(gg, "fhir_iop_format", False)
+    cached = gg.get("fhir_iop_format", False)
     if cached is not False:
         return cached
     gg.fhir_iop_format = found = _negotiate()
@@ -181,7 +181,6 @@ def http_date(dt: datetime) -> str:
 
 def respond(body, status: int = 200, headers: dict | None = None, fmt: str | None = None) -> Response:
     """A response in the wanted format; ``body`` is a dict, JSON bytes/text, or None (no body)."""
-    headers = dict(headers or {})
     if body is None:
         return Response(b"", status=status, headers=headers)
     try:
@@ -196,8 +195,8 @@ def respond(body, status: int = 200, headers: dict | None = None, fmt: str | Non
             fmt, data = "json", orjson.dumps(value)
     else:
         data = body.encode() if isinstance(body, str) else body if isinstance(body, bytes) else orjson.dumps(body)
-    headers["Content-Type"] = CONTENT_TYPE[fmt]
-    return Response(data, status, headers)
+    # (a list of pairs: werkzeug takes it in with less work than a dict)
+    return Response(data, status, [*(headers or {}).items(), ("Content-Type", CONTENT_TYPE[fmt])])
 
 
 def prefer(environ: dict | None = None) -> dict[str, str]:

@@ -48,6 +48,23 @@ def test_registry_covers_every_served_type_and_indexes_values():
     assert normalize("  Ñúñez  DE la Peña ") == "nunez de la pena"
 
 
+def test_normalize_ascii_shortcut_is_the_full_form():
+    """ASCII text skips Unicode decomposition: the result must be the one the full form gives."""
+    import random
+    import string
+    import unicodedata
+
+    def full(s):
+        s = unicodedata.normalize("NFKD", s)
+        return " ".join("".join(c for c in s if not unicodedata.combining(c)).casefold().split())
+    rnd = random.Random(5)
+    samples = ["O'Brien-SMITH", "  Tab\tand\nnewline\r ", "http://127.0.0.1:8000", "", " ",
+               *("".join(rnd.choice(string.printable) for _ in range(rnd.randrange(30))) for _ in range(2000))]
+    for s in samples:
+        assert s.isascii() and normalize(s) == full(s), repr(s)
+    assert normalize("ÀB\u00a0c") == full("ÀB\u00a0c") == "ab c"  # (not ASCII: the full form)
+
+
 # -- member paths (the fast evaluation) against fhirpathpy ------------------------------------------
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

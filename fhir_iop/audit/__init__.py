@@ -195,7 +195,7 @@ def noted(gg=None) -> dict[str, Entity]:
         if not has_request_context():
             return {}
         gg = g._get_current_object()
-    return dict(getattr(gg, "audit_entities", None) or {})
+    return dict(gg.get("audit_entities") or {})
 
 
 # -- the AuditEvent ---------------------------------------------------------------------------------
