@@ -2,7 +2,9 @@
 
 1. read requests/s: ``GET /Patient/<id>`` on the facade against a bare Flask route returning the
    same bytes (target: ratio >= 0.7), in-process through WSGI (the app's own cost, no network) and
-   over HTTP on loopback (gunicorn with one sync worker each, one client);
+   over HTTP on loopback (gunicorn with one sync worker each, one client), with the CPU time per read
+   of the server's worker, the client and the audit shipper (Linux /proc): the ratio depends on how
+   the machine's cost of an HTTP exchange compares with the facade's own work, and these say which;
 2. search latency p50/p95 with N stored resources (``--resources``, default 100000; the issue's
    target is < 25 ms p95 at 1000000): ``Observation?patient=…``, ``Encounter?patient=…&date=ge…``,
    ``Observation?code=…&_count=20`` and ``Patient?identifier=…``.
@@ -155,6 +157,31 @@ def authorize(app) -> None:
     app.test_client_class = Client
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def process_cpu(pid: int | None = None) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used (Linux /proc); None where it cannot say."""
+    import os
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Gunicorn:
     """A gunicorn (one sync worker, as documented) serving ``app_spec`` on a free loopback port."""
 
@@ -181,6 +208,10 @@ class Gunicorn:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def worker_cpu(self) -> float | None:
+        """CPU seconds (user + system) the worker has used so far; None where /proc cannot say."""
+        return process_cpu(*_children(self.proc.pid)[:1])
 
     def stop(self):
         self.proc.terminate()
@@ -233,6 +264,8 @@ def read_ratio(app, pid: str, n: int, rounds: int = 5, shipper: str = "external"
         servers = {"bare": Gunicorn("bare_app:app", tmp, {}, path),
                    "facade": Gunicorn("server:create_app()", str(Path(__file__).resolve().parents[1]), env, path)}
         rates: dict[str, list[float]] = {"bare": [], "facade": []}
+        #: CPU µs per read: the server's worker, the client (this process), the audit shipper
+        cpu: dict[str, dict[str, list[float]]] = {k: {"worker": [], "client": [], "shipper": []} for k in rates}
         audited = 0
         try:
             sessions = {k: requests.Session() for k in servers}
@@ -243,6 +276,7 @@ def read_ratio(app, pid: str, n: int, rounds: int = 5, shipper: str = "external"
             for _ in range(rounds):
                 for k in ("bare", "facade"):
                     url, s = servers[k].url(path), sessions[k]
+                    before = (servers[k].worker_cpu(), time.process_time(), process_cpu(ship.pid if ship else None))
                     started = time.perf_counter()
                     for _ in range(per_round):
                         assert s.get(url).status_code == 200
@@ -251,6 +285,10 @@ def read_ratio(app, pid: str, n: int, rounds: int = 5, shipper: str = "external"
                         assert r.status_code == 200, r.text[:300]
                         audited = r.json()["total"]
                     rates[k].append(per_round / (time.perf_counter() - started))
+                    after = (servers[k].worker_cpu(), time.process_time(), process_cpu(ship.pid if ship else None))
+                    for name, b0, b1 in zip(("worker", "client", "shipper"), before, after, strict=True):
+                        if b0 is not None and b1 is not None:
+                            cpu[k][name].append((b1 - b0) / per_round * 1e6)
         finally:
             for server in servers.values():
                 server.stop()
@@ -261,7 +299,8 @@ def read_ratio(app, pid: str, n: int, rounds: int = 5, shipper: str = "external"
     hb, hf = statistics.median(rates["bare"]), statistics.median(rates["facade"])
     return {"facade_rps": facade, "bare_rps": plain, "ratio": facade / plain,
             "http_facade_rps": hf, "http_bare_rps": hb, "http_ratio": hf / hb,
-            "http_rounds": rates, "http_shipper": shipper}
+            "http_rounds": rates, "http_shipper": shipper,
+            "http_cpu_us_per_read": {k: {n: statistics.median(v) for n, v in d.items() if v} for k, d in cpu.items()}}
 
 
 def search_latency(app, n_patients: int, n: int = 200) -> dict:
@@ -350,6 +389,8 @@ def main() -> int:
         print(f"{backend}:   read in-process {rd['facade_rps']:.0f} req/s vs bare Flask {rd['bare_rps']:.0f} req/s "
               f"= {rd['ratio']:.2f}; over HTTP {rd['http_facade_rps']:.0f} vs {rd['http_bare_rps']:.0f} req/s "
               f"= {rd['http_ratio']:.2f} (target >= 0.7; audit shipper: {rd['http_shipper']})")
+        for k, c in rd["http_cpu_us_per_read"].items():
+            print(f"{backend}:   over HTTP, CPU µs per read ({k}): " + ", ".join(f"{n} {v:.0f}" for n, v in c.items()))
         for q, s in r["search"].items():
             print(f"{backend}:   {q:28s} p50 {s['p50_ms']:6.1f} ms   p95 {s['p95_ms']:6.1f} ms (target < 25)")
     out = Path(__file__).resolve().parent / "results"
