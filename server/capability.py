@@ -55,7 +55,8 @@ def published() -> tuple[str, dict[str, list[str]]]:
 
 #: FHIR Bulk Data v2 export operations (https://hl7.org/fhir/uv/bulkdata/), by where they run
 _BULK = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
-_BULK_DOC = ("Prefer: respond-async; _outputFormat application/fhir+ndjson, _since, _type; status at the "
+_BULK_DOC = ("Prefer: respond-async; _outputFormat application/fhir+ndjson, _since (the deletions since listed in "
+             "the manifest's deleted array), _type; status at the "
              "Content-Location URL, files readable only by the client that started the export; 42 CFR Part 2 "
              "consent applies to every line")
 BULK_EXPORT = {

@@ -203,6 +203,112 @@ def test_patient_and_system_export_with_type_and_since(app, live):
     assert files["Group"][0]["quantity"] == len(files["Coverage"])
 
 
+def deleted_lines(manifest: dict, headers=None) -> dict[str, list[dict]]:
+    """The manifest's ``deleted`` files, downloaded: the Bundles per file name."""
+    out = {}
+    for item in manifest["deleted"]:
+        assert item["type"] == "Bundle"
+        f = requests.get(item["url"], headers=headers, timeout=30)
+        assert f.status_code == 200 and f.headers["Content-Type"].startswith("application/fhir+ndjson")
+        out[item["url"].rsplit("/", 1)[1]] = [orjson.loads(line) for line in f.content.splitlines()]
+        assert len(out[item["url"].rsplit("/", 1)[1]]) == item["count"]
+    return out
+
+
+def deleted_refs(files: dict[str, list[dict]]) -> list[str]:
+    refs = []
+    for bundles in files.values():
+        for b in bundles:
+            assert b["resourceType"] == "Bundle" and b["type"] == "transaction" and r4.structure_errors(b) == []
+            assert [e["request"]["method"] for e in b["entry"]] == ["DELETE"]
+            refs += [e["request"]["url"] for e in b["entry"]]
+    return sorted(refs)
+
+
+def test_since_lists_what_was_deleted_since_in_the_deleted_array(app, live):
+    """Bulk Data v2: with ``_since`` the manifest's ``deleted`` array SHALL list the resources that would
+    have been returned but were deleted since: a deletion before ``_since`` is not listed, nor one written
+    again since, nor one outside the export's types."""
+    loaded(app)
+    encounters = [e["resource"] for e in
+                  requests.get(f"{live}/Encounter", params={"_count": 4}, timeout=30).json()["entry"]]
+    coverage = requests.get(f"{live}/Coverage", params={"_count": 1}, timeout=30).json()["entry"][0]["resource"]
+    before, after, again = encounters[0], encounters[1], encounters[2]
+    assert requests.delete(f"{live}/Encounter/{before['id']}", timeout=30).status_code in (200, 204)
+    time.sleep(0.05)
+    cutoff = now()
+    time.sleep(0.05)
+    for rt, rid in (("Encounter", after["id"]), ("Encounter", again["id"]), ("Coverage", coverage["id"])):
+        assert requests.delete(f"{live}/{rt}/{rid}", timeout=30).status_code in (200, 204)
+    again.pop("meta", None)
+    assert requests.put(f"{live}/Encounter/{again['id']}", json=again, timeout=30,
+                        headers={"Content-Type": "application/fhir+json"}).status_code in (200, 201)
+    instant = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+    manifest, files, _ = export(live, "$export", _since=instant)
+    assert deleted_refs(deleted_lines(manifest)) == sorted([f"Coverage/{coverage['id']}",
+                                                            f"Encounter/{after['id']}"])
+    assert {o["type"] for o in manifest["output"]} == {"Encounter"}  # (the one written again)
+    assert [r["id"] for r in files["Encounter"]] == [again["id"]]
+    manifest, _, _ = export(live, "$export", _since=instant, _type="Encounter,Patient")
+    assert deleted_refs(deleted_lines(manifest)) == [f"Encounter/{after['id']}"]
+    manifest, _, _ = export(live, "$export", _since=instant, _type="Patient")
+    assert manifest["deleted"] == []
+    manifest, _, _ = export(live, "$export", _type="Encounter")  # without _since: no deleted array
+    assert "deleted" not in manifest
+
+
+def test_a_payer_learns_of_deletions_only_about_members_it_may_see(secured_app):
+    """A deletion is a disclosure too: the payer's ``deleted`` array names no resource of a member whose
+    consent does not cover it, and the deletions it does see are audited with its other disclosures."""
+    app = secured_app
+    loaded(app)
+    store = store_of(app)
+    admin = {"Authorization": token_for(app, "system/*.cruds", admin=True)}
+    payer = {"Authorization": token_for(app, PAYER_SCOPES, recipient=PAYER, purpose="HPAYMT")}
+    consents = [c for c in clinic_rows("consents.csv") if c["recipient_id"] == PAYER]
+    victim = consents[0]
+    victim_id = CTX.rid("client", victim["client_mrn"])
+    with LiveServer(app) as srv:
+        def an_encounter_of(pid):
+            found = requests.get(f"{srv.url}/Encounter", params={"subject": f"Patient/{pid}", "_count": 1},
+                                 headers=admin, timeout=30).json()
+            return found["entry"][0]["resource"]["id"]
+
+        cutoff = now()
+        time.sleep(0.05)
+        r = requests.delete(f"{srv.url}/Consent/{CTX.rid('consent', victim['consent_id'])}", headers=admin,
+                            timeout=30)
+        assert r.status_code in (200, 204), r.text
+        members, allowed = _consented_members(store)
+        assert victim_id in members - allowed and allowed
+        other_id = sorted(allowed)[0]
+        gone = {pid: an_encounter_of(pid) for pid in (victim_id, other_id)}
+        for rid in gone.values():
+            assert requests.delete(f"{srv.url}/Encounter/{rid}", headers=admin, timeout=30).status_code in (200, 204)
+        instant = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+        manifest, _, _ = export(srv.url, f"Group/{GROUP}/$export", payer, _since=instant)
+        files = deleted_lines(manifest, payer)
+        assert deleted_refs(files) == [f"Encounter/{gone[other_id]}"]
+        assert gone[victim_id].encode() not in orjson.dumps(files)
+        # a system export holds every client's resources: there the Part 2 gate alone keeps the deletion back
+        manifest, _, _ = export(srv.url, "$export", payer, _since=instant, _type="Encounter")
+        assert deleted_refs(deleted_lines(manifest, payer)) == [f"Encounter/{gone[other_id]}"]
+        # the program itself is told of both
+        manifest, _, _ = export(srv.url, f"Group/{GROUP}/$export", admin, _since=instant)
+        assert deleted_refs(deleted_lines(manifest, admin)) == sorted(f"Encounter/{rid}" for rid in gone.values())
+        job = manifest["deleted"][0]["url"].split("/")[-2]
+        assert requests.get(manifest["deleted"][0]["url"], headers=payer, timeout=30).status_code == 404  # not its job
+
+    with store.reading() as tx:
+        events = [orjson.loads(b) for b in tx.conn.execute(select(resource.c.body).where(
+            resource.c.type == "AuditEvent")).scalars()]
+    exported = {x["what"]["reference"] for e in events if e["type"].get("code") == "110106"
+                for x in e.get("entity", []) if x.get("what", {}).get("reference", "").startswith("Patient/")}
+    assert f"Patient/{other_id}" in exported and job
+
+
 def test_post_kick_off_with_parameters(app, live):
     loaded(app)
     body = {"resourceType": "Parameters", "parameter": [

@@ -18,7 +18,12 @@ marked (``mark``: redisclosure prohibition). After the files are complete, each 
 is audited once (action ``export``) with the Consents that allowed the disclosure.
 
 ``_since``: stored resources last updated at or after it; Claims (computed, not stored) of the
-months from the one ``_since`` falls in. Deleted resources are not reported (no ``deleted`` array).
+months from the one ``_since`` falls in. Stored resources deleted at or after it that the export
+would have held (the same kind, types, members, payer and Part 2 gate, judged on their last version)
+are reported as the Bulk Data spec requires: ``deleted-<Type>.ndjson`` files of transaction Bundles,
+one per resource, each a ``DELETE`` of ``Type/id``, listed in the manifest's ``deleted`` array. A
+client learns of a deletion only where it could have received the resource; such a notice is audited
+with the client's other disclosures. A Claim month that no longer has service days is not reported.
 
 Memory: one read transaction (``store.reading(snapshot=True)``) streams each type with a
 server-side cursor (``Tx.iter_current``, 500 rows a fetch) and each line is written as it comes;
@@ -63,10 +68,13 @@ class Cancelled(Exception):
 
 
 class Files:
-    """``<Type>.ndjson`` per type in the job's directory, with line counts and sizes."""
+    """``<Type>.ndjson`` per type in the job's directory, with line counts and sizes; ``deleted``: the
+    ``deleted-<Type>.ndjson`` files of the deletions (lines are Bundles, manifest ``deleted``)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, deleted: bool = False):
         self.dir = directory
+        self.deleted = deleted
+        self.prefix = "deleted-" if deleted else ""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.open: dict[str, object] = {}
         self.counts: dict[str, int] = defaultdict(int)
@@ -75,7 +83,7 @@ class Files:
     def write(self, rt: str, line: bytes) -> None:
         f = self.open.get(rt)
         if f is None:
-            f = self.open[rt] = open(self.dir / f"{rt}.ndjson", "wb")
+            f = self.open[rt] = open(self.dir / f"{self.prefix}{rt}.ndjson", "wb")
         f.write(line)
         f.write(b"\n")
         self.counts[rt] += 1
@@ -84,6 +92,9 @@ class Files:
     def close(self) -> list[dict]:
         for f in self.open.values():
             f.close()
+        if self.deleted:
+            return [{"type": "Bundle", "name": f"{self.prefix}{rt}.ndjson", "count": self.counts[rt],
+                     "bytes": self.bytes[rt], "deleted": True} for rt in self.open]
         return [{"type": rt, "name": f"{rt}.ndjson", "count": self.counts[rt], "bytes": self.bytes[rt]}
                 for rt in self.open]
 
@@ -97,6 +108,7 @@ class Export:
         self.dir = directory / job.id
         self.rules = rules
         self.files = Files(self.dir)
+        self.deletions = Files(self.dir, deleted=True)
         self.disclosed: dict[str, set[str]] = defaultdict(set)  # Patient id -> Consent refs
         self.rows = 0
         self.progress = "started"
@@ -125,12 +137,16 @@ class Export:
             except Exception:  # the database is away for a moment: the next beat retries
                 log.warning("bulk export %s: heartbeat failed", self.job.id, exc_info=True)
 
-    def emit(self, rt: str, res: dict, body: str | None, decision) -> None:
+    def disclose(self, res: dict, decision) -> None:
+        """Count ``res`` as disclosed to the client (its patient is audited with the Consent that allowed it)."""
         pid = patient_of(res)
         if pid is not None:
             consents = self.disclosed[pid]
             if decision.consent:
                 consents.add(decision.consent)
+
+    def emit(self, rt: str, res: dict, body: str | None, decision) -> None:
+        self.disclose(res, decision)
         if not self.access.internal and labelled(res):
             self.files.write(rt, orjson.dumps(mark(res)))
         else:
@@ -156,24 +172,28 @@ class Export:
                         continue
                     if (decision := g.decide(patient)).allowed:
                         members[pid] = decision
-            for rt in types:
-                if rt in ("Claim", "Group"):
-                    continue
+            stored_types = tuple(rt for rt in types if rt not in ("Claim", "Group"))
+            for rt in stored_types:
                 for stored in tx.iter_current((rt,)):
                     self.tick(rt)
                     if self.since is not None and stored.last_updated < self.since:
                         continue
                     res = stored.resource
-                    pid = patient_of(res)
-                    if kind != "system" and pid is None:
-                        continue
-                    if members is not None and pid not in members:
-                        continue
-                    if rt == "Coverage" and payer is not None and (payer_of_coverage(res, self.ctx) or ("",))[0] != payer:
+                    if not self.in_scope(rt, res, members, payer):
                         continue
                     decision = g.decide(stored)
                     if decision.allowed:
                         self.emit(rt, res, stored.body, decision)
+            if self.since is not None and stored_types:
+                for stored in tx.iter_deleted(stored_types, self.since):
+                    self.tick(stored.type)
+                    res = stored.resource  # (its last version before the deletion)
+                    if not self.in_scope(stored.type, res, members, payer):
+                        continue
+                    decision = g.decide(stored)
+                    if decision.allowed:
+                        self.disclose(res, decision)
+                        self.deletions.write(stored.type, orjson.dumps(deletion(stored.type, stored.id)))
             if "Claim" in types and payer is not None:
                 errors += self.claims(payer, members)
             if "Group" in types and group is not None:
@@ -183,7 +203,18 @@ class Export:
                 if not view["member"]:
                     del view["member"]
                 self.emit("Group", view, None, Decision(True, None, "members disclosed"))
-        return self.files.close(), errors
+        return self.files.close() + self.deletions.close(), errors
+
+    def in_scope(self, rt: str, res: dict, members: dict | None, payer: str | None) -> bool:
+        """Whether ``res`` belongs in this job (before the Part 2 gate): a Patient or Group export holds
+        only what is about a client, a Group export only its disclosed members' and its payer's Coverage."""
+        pid = patient_of(res)
+        if self.params["kind"] != "system" and pid is None:
+            return False
+        if members is not None and pid not in members:
+            return False
+        return not (rt == "Coverage" and payer is not None
+                    and (payer_of_coverage(res, self.ctx) or ("",))[0] != payer)
 
     def claims(self, payer: str, members: dict) -> list[dict]:
         from fhir_iop.payer.export import monthly_claims
@@ -207,6 +238,12 @@ class Export:
             "diagnostics": f"{len(problems)} stored resource(s) did not map back to IOP records; their "
                            "service days are not in the Claims",
             "expression": where}]}]
+
+
+def deletion(rt: str, rid: str) -> dict:
+    """A line of a ``deleted`` file: a transaction Bundle deleting ``Type/id`` (Bulk Data v2 manifest)."""
+    return {"resourceType": "Bundle", "type": "transaction",
+            "entry": [{"request": {"method": "DELETE", "url": f"{rt}/{rid}"}}]}
 
 
 def run_job(store, job_id: str, access, directory: Path, ttl: int, ctx: MappingContext | None = None,

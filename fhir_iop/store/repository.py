@@ -343,6 +343,22 @@ class Tx:
         for r in self.conn.execute(stmt):
             yield Stored(r.type, r.id, r.version_id, r.last_updated, False, r.body)
 
+    def iter_deleted(self, types: tuple[str, ...], since: datetime) -> Iterator[Stored]:
+        """The resources of ``types`` deleted at or after ``since`` and not written again since, each as
+        its last version before the deletion (``deleted`` True, ``body`` that version's, ``last_updated``
+        the time of the deletion): what a Bulk Data export ``_since`` reports as deleted."""
+        live = resource_version.alias("live")
+        last_live = select(func.max(live.c.version_id)).where(live.c.rid == resource.c.rid,
+                                                              live.c.deleted.is_(False)).scalar_subquery()
+        stmt = select(resource.c.type, resource.c.id, resource.c.last_updated, resource_version.c.version_id,
+                      resource_version.c.body) \
+            .select_from(resource.join(resource_version, (resource_version.c.rid == resource.c.rid)
+                                       & (resource_version.c.version_id == last_live))) \
+            .where(resource.c.deleted.is_(True), resource.c.type.in_(types), resource.c.last_updated >= since) \
+            .order_by(resource.c.rid).execution_options(yield_per=500)
+        for r in self.conn.execute(stmt):
+            yield Stored(r.type, r.id, r.version_id, r.last_updated, True, r.body)
+
     # -- writes -----------------------------------------------------------------------------------
 
     def _writable(self) -> None:

@@ -16,8 +16,8 @@ payer's Group (else 403).
 
 Status — ``GET [base]/bulk-export/[job]``: ``202`` with ``X-Progress`` and ``Retry-After`` while
 queued or running; ``200`` with the manifest (``transactionTime``, ``request``,
-``requiresAccessToken: true``, ``output: [{type, url, count}]``, ``error``) and ``Expires`` once
-complete; ``500`` with an OperationOutcome when the export failed (e.g. interrupted by a restart).
+``requiresAccessToken: true``, ``output: [{type, url, count}]``, ``error``, and with ``_since`` the
+``deleted`` files: transaction Bundles deleting what was deleted since) and ``Expires`` once complete; ``500`` with an OperationOutcome when the export failed (e.g. interrupted by a restart).
 ``DELETE`` on it cancels the job or deletes a finished one and its files: ``202``. Files —
 ``GET [base]/bulk-export/[job]/[Type].ndjson``: ``application/fhir+ndjson``.
 
@@ -178,9 +178,12 @@ def status(job_id: str):
     manifest = {"transactionTime": instant(job.transaction_time), "request": job.request,
                 "requiresAccessToken": True,
                 "output": [{"type": f["type"], "url": f"{base}/{f['name']}", "count": f["count"]}
-                           for f in job.files if not f.get("error")],
+                           for f in job.files if not f.get("error") and not f.get("deleted")],
                 "error": [{"type": f["type"], "url": f"{base}/{f['name']}", "count": f["count"]}
                           for f in job.files if f.get("error")]}
+    if job.params.get("since"):  # (the deletions since then: transaction Bundles, fhir_iop/bulk/runner.py)
+        manifest["deleted"] = [{"type": f["type"], "url": f"{base}/{f['name']}", "count": f["count"]}
+                               for f in job.files if f.get("deleted")]
     headers = {"Expires": http_date(job.expires)} if job.expires else {}
     import orjson
     from flask import Response
