@@ -64,8 +64,8 @@ BULK_EXPORT = {
     "Patient": {"name": "export", "definition": f"{_BULK}/patient-export", "documentation": _BULK_DOC},
     "Group": {"name": "export", "definition": f"{_BULK}/group-export",
               "documentation": "One Group per payer (identifier: the payer id in the site's payer system): the "
-                               "members' Patient, Coverage, EpisodeOfCare, Condition, Encounter and the payer's "
-                               "Claims; " + _BULK_DOC},
+                               "members' Patient, Coverage, EpisodeOfCare, Condition, the Encounters the payer's "
+                               "Coverage covered and its Claims; " + _BULK_DOC},
 }
 
 

@@ -203,6 +203,35 @@ def test_patient_and_system_export_with_type_and_since(app, live):
     assert files["Group"][0]["quantity"] == len(files["Coverage"])
 
 
+def test_a_group_export_holds_only_the_encounters_its_payer_covered(app, live):
+    """Minimum necessary: a payer gets a member's Encounters of the days its Coverage was in force, as its
+    Claims bill them, not those before or after it (another payer's, or nobody's)."""
+    loaded(app)
+    mrn = next(c["client_mrn"] for c in clinic_rows("coverages.csv") if c["payer_id"] == PAYER)
+    pid = CTX.rid("client", mrn)
+    bundle = requests.get(f"{live}/Encounter", params={"subject": f"Patient/{pid}", "_count": 500}, timeout=30).json()
+    days = sorted(e["resource"]["period"]["start"][:10] for e in bundle["entry"])
+    assert len(set(days)) >= 3, days
+    first, cut = days[0], sorted(set(days))[len(set(days)) // 2]
+    [cov] = [e["resource"] for e in requests.get(f"{live}/Coverage", params={"beneficiary": f"Patient/{pid}"},
+                                                 timeout=30).json()["entry"]
+             if e["resource"]["payor"][0]["identifier"]["value"] == PAYER]
+    cov["period"] = {"start": cov["period"]["start"], "end": cut}
+    cov.pop("meta", None)
+    r = requests.put(f"{live}/Coverage/{cov['id']}", json=cov, headers={"Content-Type": "application/fhir+json"},
+                     timeout=30)
+    assert r.status_code == 200, r.text
+
+    manifest, files, _ = export(live, f"Group/{GROUP}/$export")
+    mine = sorted(e["period"]["start"][:10] for e in files["Encounter"] if about(e) == pid)
+    assert mine == [d for d in days if d <= cut] and first <= cut < days[-1]
+    others = [e for e in files["Encounter"] if about(e) != pid]
+    assert others  # the other members' Encounters are all still there (their Coverages are open-ended)
+    encounters = {f"Encounter/{e['id']}" for e in files["Encounter"]}
+    for claim in files["Claim"]:  # each Claim's Encounters are in the export
+        assert {e["reference"] for i in claim["item"] for e in i["encounter"]} <= encounters
+
+
 def deleted_lines(manifest: dict, headers=None) -> dict[str, list[dict]]:
     """The manifest's ``deleted`` files, downloaded: the Bundles per file name."""
     out = {}

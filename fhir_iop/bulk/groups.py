@@ -45,6 +45,20 @@ def payer_of_coverage(cov: dict, ctx: MappingContext) -> tuple[str, str] | None:
     return None
 
 
+def coverage_period(cov: dict) -> tuple[str | None, str | None]:
+    """(first day, last day) of a Coverage as ISO dates (None: open on that side)."""
+    period = cov.get("period") or {}
+    return (period["start"][:10] if period.get("start") else None,
+            period["end"][:10] if period.get("end") else None)
+
+
+def covered_on(periods, day: str | None) -> bool:
+    """Whether ``day`` (an ISO date) falls in one of ``periods`` (:func:`coverage_period`); an undated
+    day is covered only by a period open on both sides."""
+    return any((start is None or (day is not None and start <= day))
+               and (end is None or (day is not None and day <= end)) for start, end in periods)
+
+
 def payer_of_group(group: dict, ctx: MappingContext) -> str | None:
     for ident in group.get("identifier") or ():
         if ident.get("system") == ctx.systems.payer and ident.get("value"):

@@ -3,7 +3,9 @@
 Kinds (``params["kind"]``):
 
 * ``group`` — ``Group/[id]/$export`` of a payer Group (:mod:`fhir_iop.bulk.groups`): the members'
-  Patient, Coverage (with that payer only), EpisodeOfCare, Condition and Encounter, and the payer's
+  Patient, Coverage (with that payer only), EpisodeOfCare, Condition and the Encounters that began
+  on a day an active Coverage of that payer covered (not those another payer, or nobody, paid for:
+  minimum necessary, as the Claims), and the payer's
   Claims (computed at export time from the store: reverse mapping → rollup → Claims, one per client,
   program and coverage per calendar month with service days). ``_type=Group`` adds the Group as
   that recipient may see it (only the disclosed members, ``quantity`` their number).
@@ -43,7 +45,7 @@ from pathlib import Path
 import orjson
 
 from fhir_iop.bulk import jobs
-from fhir_iop.bulk.groups import payer_of_coverage, payer_of_group
+from fhir_iop.bulk.groups import coverage_period, covered_on, payer_of_coverage, payer_of_group
 from fhir_iop.bulk.part2 import Decision, gate, labelled, mark, patient_of, record
 from fhir_iop.mapping.common import MappingContext
 from fhir_iop.store.errors import StoreError
@@ -115,6 +117,8 @@ class Export:
         self.cancelled = threading.Event()
         since = self.params.get("since")
         self.since = datetime.fromisoformat(since) if since else None   # UTC, naive
+        #: Group export: member Patient id -> the periods of its active Coverages with the payer
+        self.covered: dict[str, list[tuple[str | None, str | None]]] | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -172,6 +176,13 @@ class Export:
                         continue
                     if (decision := g.decide(patient)).allowed:
                         members[pid] = decision
+                self.covered = defaultdict(list)
+                for stored in tx.iter_current(("Coverage",)):
+                    cov = stored.resource
+                    pid = patient_of(cov)
+                    if pid in members and cov.get("status") == "active" \
+                            and (payer_of_coverage(cov, self.ctx) or ("",))[0] == payer:
+                        self.covered[pid].append(coverage_period(cov))
             stored_types = tuple(rt for rt in types if rt not in ("Claim", "Group"))
             for rt in stored_types:
                 for stored in tx.iter_current((rt,)):
@@ -207,12 +218,17 @@ class Export:
 
     def in_scope(self, rt: str, res: dict, members: dict | None, payer: str | None) -> bool:
         """Whether ``res`` belongs in this job (before the Part 2 gate): a Patient or Group export holds
-        only what is about a client, a Group export only its disclosed members' and its payer's Coverage."""
+        only what is about a client, a Group export only its disclosed members', its payer's Coverage
+        and the Encounters that began on a day the payer covered."""
         pid = patient_of(res)
         if self.params["kind"] != "system" and pid is None:
             return False
         if members is not None and pid not in members:
             return False
+        if rt == "Encounter" and self.covered is not None:
+            began = ((res.get("period") or {}).get("start") or "")[:10] or None
+            if not covered_on(self.covered.get(pid, ()), began):
+                return False
         return not (rt == "Coverage" and payer is not None
                     and (payer_of_coverage(res, self.ctx) or ("",))[0] != payer)
 

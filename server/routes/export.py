@@ -17,7 +17,8 @@ payer's Group (else 403).
 Status — ``GET [base]/bulk-export/[job]``: ``202`` with ``X-Progress`` and ``Retry-After`` while
 queued or running; ``200`` with the manifest (``transactionTime``, ``request``,
 ``requiresAccessToken: true``, ``output: [{type, url, count}]``, ``error``, and with ``_since`` the
-``deleted`` files: transaction Bundles deleting what was deleted since) and ``Expires`` once complete; ``500`` with an OperationOutcome when the export failed (e.g. interrupted by a restart).
+``deleted`` files: transaction Bundles deleting what was deleted since) and ``Expires`` once complete;
+``500`` with an OperationOutcome when the export failed (e.g. interrupted by a restart).
 ``DELETE`` on it cancels the job or deletes a finished one and its files: ``202``. Files —
 ``GET [base]/bulk-export/[job]/[Type].ndjson``: ``application/fhir+ndjson``.
 
