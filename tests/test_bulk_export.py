@@ -232,6 +232,65 @@ def test_a_group_export_holds_only_the_encounters_its_payer_covered(app, live):
         assert {e["reference"] for i in claim["item"] for e in i["encounter"]} <= encounters
 
 
+def test_the_patient_parameter_narrows_a_patient_or_group_export(app, live):
+    loaded(app)
+    members = sorted({c["client_mrn"] for c in clinic_rows("coverages.csv") if c["payer_id"] == PAYER})
+    chosen = [CTX.rid("client", m) for m in members[:2]]
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient,Encounter"},
+        *({"name": "patient", "valueReference": {"reference": f"Patient/{pid}"}} for pid in chosen)]}
+    r = requests.post(f"{live}/Patient/$export", json=body, timeout=30,
+                      headers={**ASYNC, "Content-Type": "application/fhir+json"})
+    assert r.status_code == 202, r.text
+    manifest = wait(r.headers["Content-Location"]).json()
+    files = {o["type"]: [orjson.loads(x) for x in requests.get(o["url"], timeout=30).content.splitlines()]
+             for o in manifest["output"]}
+    assert sorted(p["id"] for p in files["Patient"]) == sorted(chosen)
+    assert files["Encounter"] and {about(e) for e in files["Encounter"]} == set(chosen)
+
+    manifest, files, _ = export(live, f"Group/{GROUP}/$export", patient=f"Patient/{chosen[1]}")
+    for rt, resources in files.items():
+        assert {about(x) for x in resources} == {chosen[1]}, rt
+    assert files["Claim"]  # (that member's Claims only)
+
+    def refused(path, **params):
+        r = kick_off(live, path, **params)
+        assert r.status_code == 400, r.text
+        return r.json()["issue"][0]["diagnostics"]
+    assert "not to $export" in refused("$export", patient=f"Patient/{chosen[0]}")
+    outsider = next(CTX.rid("client", c["mrn"]) for c in clinic_rows("clients.csv") if c["mrn"] not in members)
+    no_one = refused(f"Group/{GROUP}/$export", patient="Patient/no-such-client")
+    not_member = refused(f"Group/{GROUP}/$export", patient=f"Patient/{outsider}")
+    assert not_member.replace(outsider, "no-such-client") == no_one  # the same answer
+    assert refused("Patient/$export", patient="Encounter/x").startswith("patient 'Encounter/x'")
+
+
+def test_a_payer_cannot_probe_for_a_withheld_member_with_the_patient_parameter(secured_app):
+    app = secured_app
+    loaded(app)
+    admin = {"Authorization": token_for(app, "system/*.cruds", admin=True)}
+    payer = {"Authorization": token_for(app, PAYER_SCOPES, recipient=PAYER, purpose="HPAYMT")}
+    victim = next(c for c in clinic_rows("consents.csv") if c["recipient_id"] == PAYER)
+    victim_id = CTX.rid("client", victim["client_mrn"])
+    with LiveServer(app) as srv:
+        r = requests.delete(f"{srv.url}/Consent/{CTX.rid('consent', victim['consent_id'])}", headers=admin,
+                            timeout=30)
+        assert r.status_code in (200, 204), r.text
+        members, allowed = _consented_members(store_of(app))
+        assert victim_id in members - allowed
+        answers = {}
+        for pid in (victim_id, "no-such-client"):
+            r = kick_off(srv.url, f"Group/{GROUP}/$export", payer, patient=f"Patient/{pid}")
+            assert r.status_code == 400, r.text
+            answers[pid] = r.json()["issue"][0]["diagnostics"].replace(pid, "X")
+        assert answers[victim_id] == answers["no-such-client"]
+        # the program itself may name the member; the payer may name one it may see
+        assert kick_off(srv.url, f"Group/{GROUP}/$export", admin, patient=f"Patient/{victim_id}").status_code == 202
+        ok = sorted(allowed)[0]
+        manifest, files, _ = export(srv.url, f"Group/{GROUP}/$export", payer, patient=f"Patient/{ok}")
+        assert {about(x) for rs in files.values() for x in rs} == {ok}
+
+
 def deleted_lines(manifest: dict, headers=None) -> dict[str, list[dict]]:
     """The manifest's ``deleted`` files, downloaded: the Bundles per file name."""
     out = {}

@@ -12,6 +12,9 @@ Kinds (``params["kind"]``):
 * ``patient`` — ``Patient/$export``: every stored resource about one client, of the requested types.
 * ``system`` — ``$export``: every stored resource of the requested types.
 
+``patients`` (the ``patient`` parameter of a Patient or Group export): only those clients' resources
+and Claims (a Group export's Group keeps every disclosed member).
+
 Part 2: each resource goes through the disclosure gate (``fhir_iop.bulk.part2.gate`` with the
 job's :class:`~fhir_iop.security.access.Access`). For a Group export a member whose Patient the gate
 withholds is no member at all: none of its resources, Claims or Group membership is written, so
@@ -117,6 +120,8 @@ class Export:
         self.cancelled = threading.Event()
         since = self.params.get("since")
         self.since = datetime.fromisoformat(since) if since else None   # UTC, naive
+        #: ``patient``: only these clients' compartments (None: every client the kind takes)
+        self.patients: set[str] | None = set(self.params["patients"]) if self.params.get("patients") else None
         #: Group export: member Patient id -> the periods of its active Coverages with the payer
         self.covered: dict[str, list[tuple[str | None, str | None]]] | None = None
 
@@ -223,6 +228,8 @@ class Export:
         pid = patient_of(res)
         if self.params["kind"] != "system" and pid is None:
             return False
+        if self.patients is not None and pid not in self.patients:
+            return False
         if members is not None and pid not in members:
             return False
         if rt == "Encounter" and self.covered is not None:
@@ -243,7 +250,9 @@ class Export:
             self.tick("Claim")
             if since is not None and date.fromisoformat(claim["billablePeriod"]["end"]) < since:
                 continue
-            decision = members.get(patient_of(claim))  # see fhir_iop.bulk.part2 on Claims
+            pid = patient_of(claim)
+            decision = members.get(pid) if self.patients is None or pid in self.patients else None
+            # (see fhir_iop.bulk.part2 on Claims)
             if decision is not None:
                 self.emit("Claim", claim, None, decision)
         if not problems:

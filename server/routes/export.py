@@ -7,7 +7,10 @@ Kick-off — ``GET|POST [base]/Group/[id]/$export``, ``[base]/Patient/$export``,
 * ``_since``: a FHIR instant; ``_type``: comma-separated and/or repeated resource types (a Group export
   takes Patient, Coverage, EpisodeOfCare, Condition, Encounter, Claim — the default — and Group);
 * POST takes the same as a ``Parameters`` body (``valueString`` / ``valueInstant``);
-* ``_typeFilter``, ``_elements``, ``patient``, ``includeAssociatedData`` are not supported: 400.
+* ``patient`` (Patient and Group exports; repeated, comma-separated, or ``valueReference`` in a POSTed
+  Parameters): only those clients' compartments; a reference the client may not see, or to no member
+  of the Group, is refused (400) with the same message as one to no Patient;
+* ``_typeFilter``, ``_elements``, ``includeAssociatedData`` are not supported: 400.
 * → ``202 Accepted``, ``Content-Location: [base]/bulk-export/[job]`` (the status URL).
 
 A Group export of a payer's Group (``fhir_iop.bulk.groups``) rebuilds the payer Groups from the
@@ -45,6 +48,7 @@ from flask import Blueprint, current_app, request, send_file
 
 from fhir_iop.bulk import groups, jobs, runner
 from fhir_iop.store import NotFound
+from fhir_iop.store.errors import StoreError
 from fhir_iop.store.params import date_range
 from fhir_iop.store.repository import check_id, instant
 from server.access import current_access
@@ -56,7 +60,9 @@ bp = Blueprint("export", __name__)
 
 NDJSON = "application/fhir+ndjson"
 OUTPUT_FORMATS = {NDJSON, "application/ndjson", "ndjson"}
-UNSUPPORTED = ("_typeFilter", "_elements", "patient", "includeAssociatedData", "organizeOutputBy")
+UNSUPPORTED = ("_typeFilter", "_elements", "includeAssociatedData", "organizeOutputBy")
+#: at most this many ``patient`` references in one kick-off
+MAX_PATIENTS = 1000
 
 
 def _config(name: str, default):
@@ -85,6 +91,8 @@ def _params() -> dict[str, list[str]]:
             raise FhirHttpError(400, "POST $export takes a Parameters resource")
         for p in body.get("parameter") or ():
             value = next((v for k, v in p.items() if k.startswith("value")), None)
+            if isinstance(value, dict) and p.get("valueReference") is value:  # patient: a Reference
+                value = value.get("reference")
             if p.get("name") and isinstance(value, str):
                 out.setdefault(p["name"], []).append(value)
     return out
@@ -112,6 +120,9 @@ def _kick_off(kind: str, group: str | None, allowed: tuple[str, ...], default: t
         raise FhirHttpError(400, f"_type {', '.join(unknown)} is not exported here (this export takes: "
                                  f"{', '.join(allowed)})")
     types = list(dict.fromkeys(types)) or list(default)
+    patients = [p.strip() for v in params.get("patient") or () for p in v.split(",") if p.strip()]
+    if patients and kind == "system":
+        raise FhirHttpError(400, "the patient parameter applies to Patient and Group exports, not to $export")
 
     access = current_access()
     s = state()
@@ -125,16 +136,45 @@ def _kick_off(kind: str, group: str | None, allowed: tuple[str, ...], default: t
         payer = groups.payer_of_group(g, ctx)
         if access.recipient is not None and payer is not None and payer != access.recipient:
             raise FhirHttpError(403, "a client acting for a payer may export only that payer's Group")
+    patient_ids = _patients(patients, g if kind == "group" else None) if patients else None
     _reap()
     who = {k: getattr(access, k) for k in ("client_id", "recipient", "purpose", "emergency", "admin")}
     job = jobs.create(s.store, access.client_id, who, request.url,
-                      {"kind": kind, "group": group, "types": types, "since": since, "format": NDJSON})
+                      {"kind": kind, "group": group, "types": types, "since": since, "format": NDJSON,
+                       "patients": patient_ids})
     from fhir_iop.payer.rollup import load_rules
     rules = load_rules(current_app.config.get("MAPPINGS"))
     threading.Thread(target=_work, args=(s.store, job.id, access, export_dir(), _config("EXPORT_TTL", 3600), ctx,
                                          rules), daemon=True, name=f"bulk-export-{job.id[:8]}").start()
     oo = outcome(f"export {job.id} accepted; poll the Content-Location URL", "informational", "information")
     return respond(oo, 202, {"Content-Location": f"{base_url()}/bulk-export/{job.id}"}, fmt="json")
+
+
+def _patients(refs: list[str], group: dict | None) -> list[str]:
+    """The Patient ids of the ``patient`` parameter (Bulk Data v2: the export holds only their
+    compartments). 400 for one that is no Patient reference, or that this client may not see or is not
+    a member of the Group, with one message for all three: the answer must not tell an outside
+    recipient whether a client it may not see is in the program (42 CFR Part 2)."""
+    from server.routes.resources import store
+    if len(refs) > MAX_PATIENTS:
+        raise FhirHttpError(400, f"at most {MAX_PATIENTS} patient references in one export")
+    members = None
+    if group is not None:
+        members = {m.get("entity", {}).get("reference", "").rsplit("/", 1)[-1] for m in group.get("member") or ()}
+    ids = []
+    with store().reading() as tx:  # (the request's Part 2 gate: a withheld Patient is not found)
+        for ref in refs:
+            parts = ref.split("/")
+            pid = parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" else None
+            try:
+                if pid is None or (members is not None and pid not in members):
+                    raise NotFound(ref)
+                check_id(pid)
+                tx.read("Patient", pid)
+            except StoreError:  # (no such id, deleted, withheld, not a member, not an id)
+                raise FhirHttpError(400, f"patient {ref[:100]!r} is not a patient this export can include") from None
+            ids.append(pid)
+    return list(dict.fromkeys(ids))
 
 
 def _work(*args) -> None:
