@@ -291,6 +291,19 @@ def test_a_payer_cannot_probe_for_a_withheld_member_with_the_patient_parameter(s
         assert {about(x) for rs in files.values() for x in rs} == {ok}
 
 
+def test_a_group_of_no_payer_exports_all_its_members_encounters(app, live):
+    loaded(app)
+    pid = CTX.rid("client", clinic_rows("clients.csv")[0]["mrn"])
+    group = {"resourceType": "Group", "id": "study-cohort", "type": "person", "actual": True,
+             "member": [{"entity": {"reference": f"Patient/{pid}"}}]}
+    assert requests.put(f"{live}/Group/study-cohort", json=group, timeout=30,
+                        headers={"Content-Type": "application/fhir+json"}).status_code in (200, 201)
+    mine = requests.get(f"{live}/Encounter", params={"subject": f"Patient/{pid}", "_summary": "count"},
+                        timeout=30).json()["total"]
+    manifest, files, _ = export(live, "Group/study-cohort/$export", _type="Encounter")
+    assert mine > 0 and len(files["Encounter"]) == mine and {about(e) for e in files["Encounter"]} == {pid}
+
+
 def deleted_lines(manifest: dict, headers=None) -> dict[str, list[dict]]:
     """The manifest's ``deleted`` files, downloaded: the Bundles per file name."""
     out = {}

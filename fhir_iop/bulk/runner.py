@@ -181,13 +181,14 @@ class Export:
                         continue
                     if (decision := g.decide(patient)).allowed:
                         members[pid] = decision
-                self.covered = defaultdict(list)
-                for stored in tx.iter_current(("Coverage",)):
-                    cov = stored.resource
-                    pid = patient_of(cov)
-                    if pid in members and cov.get("status") == "active" \
-                            and (payer_of_coverage(cov, self.ctx) or ("",))[0] == payer:
-                        self.covered[pid].append(coverage_period(cov))
+                if payer is not None:  # (a Group that is no payer's: its members' Encounters, all of them)
+                    self.covered = defaultdict(list)
+                    for stored in tx.iter_current(("Coverage",)):
+                        cov = stored.resource
+                        pid = patient_of(cov)
+                        if pid in members and cov.get("status") == "active" \
+                                and (payer_of_coverage(cov, self.ctx) or ("",))[0] == payer:
+                            self.covered[pid].append(coverage_period(cov))
             stored_types = tuple(rt for rt in types if rt not in ("Claim", "Group"))
             for rt in stored_types:
                 for stored in tx.iter_current((rt,)):
