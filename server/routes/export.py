@@ -155,17 +155,17 @@ def _patients(refs: list[str], group: dict | None) -> list[str]:
     compartments). 400 for one that is no Patient reference, or that this client may not see or is not
     a member of the Group, with one message for all three: the answer must not tell an outside
     recipient whether a client it may not see is in the program (42 CFR Part 2)."""
+    from fhir_iop.bulk.part2 import patient_of
     from server.routes.resources import store
     if len(refs) > MAX_PATIENTS:
         raise FhirHttpError(400, f"at most {MAX_PATIENTS} patient references in one export")
     members = None
-    if group is not None:
-        members = {m.get("entity", {}).get("reference", "").rsplit("/", 1)[-1] for m in group.get("member") or ()}
+    if group is not None:  # (read as the export reads them: fhir_iop.bulk.runner)
+        members = {patient_of({"subject": m.get("entity")}) for m in group.get("member") or ()}
     ids = []
     with store().reading() as tx:  # (the request's Part 2 gate: a withheld Patient is not found)
         for ref in refs:
-            parts = ref.split("/")
-            pid = parts[-1] if len(parts) >= 2 and parts[-2] == "Patient" else None
+            pid = patient_of({"subject": {"reference": ref}})
             try:
                 if pid is None or (members is not None and pid not in members):
                     raise NotFound(ref)
