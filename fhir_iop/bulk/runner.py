@@ -181,7 +181,7 @@ class Export:
                         continue
                     if (decision := g.decide(patient)).allowed:
                         members[pid] = decision
-                if payer is not None:  # (a Group that is no payer's: its members' Encounters, all of them)
+                if payer is not None and "Encounter" in types:  # (no payer's Group: every member Encounter)
                     self.covered = defaultdict(list)
                     for stored in tx.iter_current(("Coverage",)):
                         cov = stored.resource
